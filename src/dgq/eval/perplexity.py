@@ -1,0 +1,48 @@
+"""Perplexity on non-overlapping windows, the convention of GPTQ/AWQ/SmoothQuant papers.
+
+Concatenate the text, tokenize without special tokens, keep the first ``max_tokens`` tokens, score non-overlapping
+windows of ``seqlen`` tokens (a last partial window is dropped). When the tokenizer prepends BOS to a plain string,
+each window starts with BOS and that position is not scored.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+from tqdm.auto import tqdm
+
+from ..data import adds_bos, read_text, tokenize, windows
+from ..errors import DGQError
+
+
+@torch.no_grad()
+def perplexity_of_ids(model, ids: torch.Tensor, seqlen: int, bos_id: int | None, progress: bool = True) -> dict:
+    w = windows(ids, seqlen, bos_id)
+    if w.shape[0] == 0:
+        raise DGQError(f"the text has {ids.numel()} tokens, fewer than one window of {seqlen}")
+    nll, count = 0.0, 0
+    device = next(model.parameters()).device
+    for row in tqdm(w, desc="perplexity", disable=not progress, leave=False):
+        x = row[None].to(device)
+        logits = model(x, use_cache=False).logits.float()
+        logp = torch.log_softmax(logits[0, :-1], dim=-1)
+        tgt = x[0, 1:]
+        nll -= logp.gather(-1, tgt[:, None]).sum().item()
+        count += tgt.numel()
+    return {"ppl": math.exp(nll / count), "nll": nll / count, "scored_tokens": count, "windows": int(w.shape[0])}
+
+
+def perplexity(model, tokenizer, text: str, seqlen: int = 1024, max_tokens: int | None = 32768,
+               progress: bool = True) -> dict:
+    """``text`` is a corpus name (``lambada``, ``squad-wiki``) or a file path. Returns a dict with ``ppl``."""
+    t0 = time.perf_counter()
+    ids = tokenize(read_text(text), tokenizer)
+    if max_tokens:
+        ids = ids[:max_tokens]
+    bos = tokenizer.bos_token_id if adds_bos(tokenizer) else None
+    out = perplexity_of_ids(model, ids, seqlen, bos, progress)
+    out.update({"tokens": int(ids.numel()), "seqlen": seqlen, "text": text, "bos": bos is not None,
+                "elapsed_s": round(time.perf_counter() - t0, 2)})
+    return out

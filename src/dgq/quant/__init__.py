@@ -1,0 +1,1 @@
+"""Pure quantization math: activation quantizers and weight scale choosers (functions of tensors)."""

@@ -1,0 +1,34 @@
+"""Symmetric int8 activation quantization (dgq-method.md §5). Inputs are never modified."""
+
+from __future__ import annotations
+
+import torch
+
+
+def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic per-token absmax: ``x[M, K]`` -> ``(x8 int8 [M, K], s_x float32 [M])``.
+
+    ``s_x = max|x_row| / 127`` (1.0 for an all-zero row), ``x8 = clamp(round(x / s_x), -127, 127)``, in float32.
+    """
+    xf = x.float()
+    amax = xf.abs().amax(dim=-1)
+    s = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+    x8 = torch.clamp(torch.round(xf / s[:, None]), -127, 127).to(torch.int8)
+    return x8, s
+
+
+def quantize_per_tensor(x: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Static per-tensor: ``x8 = clamp(round(x / scale), -127, 127)``; returns ``s_x`` broadcast to ``[M]``."""
+    s = scale.float().reshape(())
+    x8 = torch.clamp(torch.round(x.float() / s), -127, 127).to(torch.int8)
+    return x8, s.expand(x.shape[0]).contiguous()
+
+
+def epilogue(
+    acc: torch.Tensor, s_x: torch.Tensor, channel_scale: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype
+) -> torch.Tensor:
+    """``y[m, n] = (acc[m, n] * s_x[m]) * s_ch[n] (+ bias[n])`` in float32, cast to ``dtype``."""
+    y = acc.float() * s_x.float()[:, None] * channel_scale.float()[None, :]
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(dtype)

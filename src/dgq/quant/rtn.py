@@ -1,0 +1,53 @@
+"""Data-free ("rtn") DGQ scales: group min/max -> s_group, s_ch = row absmax / 127, s_int = max(1, round(s_group/s_ch)).
+
+A pure function of the weight; returns the packed format tensors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .. import format as fmt
+
+
+@dataclass
+class QuantizedWeight:
+    qweight: torch.Tensor  # uint8 [N, K/2]
+    zeros: torch.Tensor  # int8 [N, G]
+    scales: torch.Tensor  # int8 [N, G]
+    channel_scale: torch.Tensor  # float32 [N]
+    group_size: int
+
+    def dequantize(self, dtype=torch.float32) -> torch.Tensor:
+        return fmt.dequantize(self.qweight, self.zeros, self.scales, self.channel_scale, self.group_size, dtype)
+
+
+def group_minmax(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-group min/max of ``w [N, K]``, widened to include 0 (so the zero point lies in 0..15)."""
+    n, k = w.shape
+    wg = w.float().reshape(n, k // group_size, group_size)
+    return wg.amin(-1).clamp_max(0), wg.amax(-1).clamp_min(0)
+
+
+def pack_from_scales(
+    w: torch.Tensor, channel_scale: torch.Tensor, s_int: torch.Tensor, wmin: torch.Tensor, group_size: int
+) -> QuantizedWeight:
+    """Zero points from the executed step ``s_ch * s_int`` and the group minimum; codes in the int8-safe range."""
+    s_int = s_int.clamp(1, fmt.INT8_MAX).to(torch.int8)
+    step = channel_scale.float()[:, None] * s_int.float()
+    zeros = torch.round(-wmin / step).clamp(0, fmt.CODE_MAX).to(torch.int8)
+    codes = fmt.quantize_codes(w, channel_scale, s_int, zeros, group_size)
+    return QuantizedWeight(fmt.pack_uint4(codes), zeros, s_int, channel_scale.float().contiguous(), group_size)
+
+
+def rtn_quantize(w: torch.Tensor, group_size: int, rounding: str = "round") -> QuantizedWeight:
+    """RTN scales for ``w [N, K]`` (``group_size`` must divide K; already resolved)."""
+    wmin, wmax = group_minmax(w, group_size)
+    s_group = (wmax - wmin) / fmt.CODE_MAX
+    absmax = w.float().abs().amax(-1)
+    s_ch = torch.where(absmax > 0, absmax / fmt.INT8_MAX, torch.ones_like(absmax))
+    ratio = s_group / s_ch[:, None]
+    s_int = torch.ceil(ratio) if rounding == "ceil" else torch.round(ratio)
+    return pack_from_scales(w, s_ch, s_int.clamp_min(1), wmin, group_size)
