@@ -1,0 +1,471 @@
+"""Fused DGQ A8W4 GEMM in Triton: 4-bit codes expanded to int8 in registers, int8 x int8 -> int32 on tensor cores.
+
+``y = epilogue(x8 . expand(q, z, s_int)^T)`` with ``expand = s_int * (q - z)`` done per tile in registers (no int8
+weight ever lands in global memory) and the float epilogue ``(acc * s_x[m]) * s_ch[n] (+ bias[n])`` in float32.
+
+Layout trick (no weight repack): the saved ``qweight`` keeps its low-nibble-first packing (``code[2i]`` low,
+``code[2i+1]`` high). A weight tile of ``BK`` inputs is ``[BN, BK/2]`` bytes; its low nibbles hold the even inputs
+and its high nibbles the odd ones. Instead of interleaving the two in registers, the *activations* are permuted:
+inside every 128-wide chunk of K, the per-token quantization kernel writes the even inputs first and the odd ones
+second (``x_perm[c*128 + p*64 + i] = x8[c*128 + 2*i + p]``). Then one tile step is two plain dots:
+``dot(x_perm_lo, w_lo^T) + dot(x_perm_hi, w_hi^T)``. Zeros and integer scales are re-laid once per layer
+(cached in ``layer.kernel_cache``) as one int16 ``[G, N]`` plane ``s | z << 8`` so a tile step reads them with one
+coalesced load per group; the 4-bit codes are read from the saved buffer as is.
+
+Decode (M <= 16) uses split-K with exact int32 atomics and a per-tile arrival counter (the last split writes the
+epilogue and re-zeroes the workspace, so the kernel stays one launch and CUDA-graph safe). Tile configs come from a
+small per-regime list, timed once per (M bucket, N, K, group) on first use (``DGQ_TRITON_TUNE=0`` takes the first).
+
+Requirements (``TritonKernel.refuse`` names the failing one): CUDA input of fp16/bf16/fp32, K a multiple of 128,
+group size 64 or a multiple of 128, an activation mode of ``dynamic`` or ``static``.
+Run on the CPU only under ``TRITON_INTERPRET=1`` (tests); the dispatch never picks it for CPU tensors.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except Exception as e:  # noqa: BLE001 - a broken triton install must read as "not available"
+    raise ImportError(f"triton is not usable: {e}") from e
+
+CHUNK = 128  # activation permutation granularity along K (fixed; tile BK is a multiple of it)
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# kernels
+# ----------------------------------------------------------------------------------------------------------------
+@triton.jit
+def _quant_kernel(x_ptr, x8_ptr, s_ptr, scale_ptr, K, stride_xm,
+                  BLOCK: tl.constexpr, STATIC: tl.constexpr, PERMUTE: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    k = tl.arange(0, BLOCK)
+    mask = k < K
+    x = tl.load(x_ptr + row * stride_xm + k, mask=mask, other=0.0).to(tl.float32)
+    if STATIC:
+        s = tl.load(scale_ptr).to(tl.float32)
+    else:
+        amax = tl.max(tl.abs(x), axis=0)
+        s = tl.where(amax > 0, tl.math.div_rn(amax, 127.0), 1.0)
+    y = tl.math.div_rn(x, s)
+    y = tl.minimum(tl.maximum(y, -127.0), 127.0)
+    # round half to even (as torch.round): exact for |y| < 2**22 under IEEE round-to-nearest-even
+    r = (y + 12582912.0) - 12582912.0
+    q = r.to(tl.int8)
+    if PERMUTE:
+        dst = (k // 128) * 128 + (k % 2) * 64 + (k % 128) // 2
+    else:
+        dst = k
+    tl.store(x8_ptr + row * K + dst, q, mask=mask)
+    tl.store(s_ptr + row, s)
+
+
+@triton.jit
+def _epilogue_store(acc, offs_m, offs_n, M, N, sx_ptr, sch_ptr, b_ptr, y_ptr, stride_ym,
+                    HAS_BIAS: tl.constexpr, OUT_INT32: tl.constexpr):
+    mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+    y_ptrs = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
+    if OUT_INT32:
+        tl.store(y_ptrs, acc, mask=mask)
+    else:
+        sx = tl.load(sx_ptr + offs_m, mask=offs_m < M, other=0.0)
+        sch = tl.load(sch_ptr + offs_n, mask=offs_n < N, other=0.0)
+        yv = acc.to(tl.float32) * sx[:, None]
+        yv = yv * sch[None, :]
+        if HAS_BIAS:
+            bias = tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
+            yv = yv + bias[None, :]
+        tl.store(y_ptrs, yv.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _a8w4_kernel(x_ptr, q_ptr, meta_ptr, sx_ptr, sch_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
+                 M, N, K, stride_xm, stride_qn, stride_ym,
+                 GROUP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                 SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr, SWAP: tl.constexpr,
+                 HAS_BIAS: tl.constexpr, OUT_INT32: tl.constexpr):
+    HALF: tl.constexpr = BK // 2
+    NG: tl.constexpr = BK // GROUP if BK > GROUP else 1  # groups per tile
+    RUN: tl.constexpr = GROUP // 2  # tile columns (bytes) per group when NG > 1
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    num_pid_m = tl.cdiv(M, BM)
+    num_pid_n = tl.cdiv(N, BN)
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    rm = tl.where(offs_m < M, offs_m, 0).to(tl.int64)
+    rn = tl.where(offs_n < N, offs_n, 0)
+    j = tl.arange(0, HALF)
+    xcol = (j // 64) * 128 + (j % 64)  # permuted-activation column of each low-nibble tile column
+    x_ptrs = x_ptr + rm[:, None] * stride_xm + xcol[None, :]
+    q_ptrs = q_ptr + rn.to(tl.int64)[:, None] * stride_qn + j[None, :]
+    meta_ptrs = meta_ptr + rn
+
+    n_kt = K // BK
+    per = tl.cdiv(n_kt, SPLIT_K)
+    kt0 = pid_k * per
+    kt1 = tl.minimum(kt0 + per, n_kt)
+    if SWAP:
+        acc = tl.zeros([BN, BM], dtype=tl.int32)
+    else:
+        acc = tl.zeros([BM, BN], dtype=tl.int32)
+    for kt in range(kt0, kt1):
+        xl = tl.load(x_ptrs + kt * BK)
+        xh = tl.load(x_ptrs + kt * BK + 64)
+        wb = tl.load(q_ptrs + kt * HALF).to(tl.int32)
+        g0 = (kt * BK) // GROUP
+        m0 = tl.load(meta_ptrs + g0 * N).to(tl.int32)
+        s0 = m0 & 0xFF
+        t0 = -s0 * ((m0 >> 8) & 0xFF)
+        if NG > 1:
+            s2 = tl.broadcast_to(s0[:, None], (BN, HALF))
+            t2 = tl.broadcast_to(t0[:, None], (BN, HALF))
+            for i in tl.static_range(1, NG):
+                mi = tl.load(meta_ptrs + (g0 + i) * N).to(tl.int32)
+                si = mi & 0xFF
+                ti = -si * ((mi >> 8) & 0xFF)
+                sel = (j >= i * RUN)[None, :]
+                s2 = tl.where(sel, si[:, None], s2)
+                t2 = tl.where(sel, ti[:, None], t2)
+        else:
+            s2 = s0[:, None]
+            t2 = t0[:, None]
+        wl = ((wb & 15) * s2 + t2).to(tl.int8)
+        wh = ((wb >> 4) * s2 + t2).to(tl.int8)
+        if SWAP:
+            acc = tl.dot(wl, tl.trans(xl), acc, out_dtype=tl.int32)
+            acc = tl.dot(wh, tl.trans(xh), acc, out_dtype=tl.int32)
+        else:
+            acc = tl.dot(xl, tl.trans(wl), acc, out_dtype=tl.int32)
+            acc = tl.dot(xh, tl.trans(wh), acc, out_dtype=tl.int32)
+    if SWAP:
+        acc = tl.trans(acc)
+
+    if SPLIT_K > 1:
+        mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+        ws_ptrs = ws_ptr + offs_m[:, None] * N + offs_n[None, :]
+        tl.atomic_add(ws_ptrs, acc, mask=mask)
+        tl.debug_barrier()
+        cnt = tl.atomic_add(cnt_ptr + pid, 1)
+        if cnt == SPLIT_K - 1:
+            total = tl.atomic_xchg(ws_ptrs, tl.zeros([BM, BN], dtype=tl.int32), mask=mask)
+            tl.atomic_xchg(cnt_ptr + pid, 0)
+            _epilogue_store(total, offs_m, offs_n, M, N, sx_ptr, sch_ptr, b_ptr, y_ptr, stride_ym,
+                            HAS_BIAS, OUT_INT32)
+    else:
+        _epilogue_store(acc, offs_m, offs_n, M, N, sx_ptr, sch_ptr, b_ptr, y_ptr, stride_ym, HAS_BIAS, OUT_INT32)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# configs
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Config:
+    BM: int
+    BN: int
+    BK: int
+    SPLIT_K: int = 1
+    SWAP: bool = False
+    GROUP_M: int = 8
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+def _bucket(m: int) -> int:
+    b = 1
+    while b < m and b < 8192:
+        b *= 2
+    return b
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 132
+
+
+def _fits(c: Config, k: int, g: int) -> bool:
+    return k % c.BK == 0 and (g % c.BK == 0 or (c.BK % g == 0 and c.BK // g <= 4))
+
+
+def _with_split(c: Config, m: int, n: int, k: int, sms: int) -> Config:
+    tiles = triton.cdiv(m, c.BM) * triton.cdiv(n, c.BN)
+    n_kt = k // c.BK
+    split = 1
+    while split * 2 <= n_kt and tiles * split * 2 <= 2 * sms and split < 16:
+        split *= 2
+    return Config(c.BM, c.BN, c.BK, split, c.SWAP, c.GROUP_M, c.num_warps, c.num_stages)
+
+
+def candidates(m: int, n: int, k: int, g: int, sms: int = 132) -> list[Config]:
+    """Tile configs worth trying for this problem, best guess first."""
+    if m <= 16:
+        base = [
+            Config(16, 64, 256, SWAP=True, num_warps=4, num_stages=4),
+            Config(16, 128, 128, SWAP=True, num_warps=4, num_stages=4),
+            Config(16, 64, 128, SWAP=False, num_warps=4, num_stages=5),
+            Config(16, 128, 256, SWAP=False, num_warps=4, num_stages=3),
+        ]
+        cs = [_with_split(c, m, n, k, sms) for c in base]
+        cs.append(Config(16, 64, 128, SWAP=True, num_warps=4, num_stages=4))  # no split-K
+    elif m <= 128:
+        cs = [
+            Config(64, 128, 128, num_warps=4, num_stages=4),
+            Config(64, 64, 128, num_warps=4, num_stages=4),
+            Config(128, 128, 128, num_warps=8, num_stages=3),
+            Config(32, 128, 128, SWAP=True, num_warps=4, num_stages=4),
+        ]
+        if m <= 64:
+            cs.insert(1, _with_split(Config(64, 128, 128, num_warps=4, num_stages=4), m, n, k, sms))
+    else:
+        cs = [
+            Config(128, 256, 128, num_warps=8, num_stages=3),
+            Config(128, 128, 128, num_warps=8, num_stages=4),
+            Config(128, 128, 128, num_warps=4, num_stages=4),
+            Config(256, 128, 128, num_warps=8, num_stages=3),
+        ]
+        if m <= 512:
+            cs.append(Config(64, 128, 128, num_warps=4, num_stages=4))
+    out, seen = [], set()
+    for c in cs:
+        if _fits(c, k, g) and c not in seen:
+            seen.add(c)
+            out.append(c)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# launchers
+# ----------------------------------------------------------------------------------------------------------------
+_WS: dict = {}  # device -> (int32 workspace, int32 counters), kept all-zero between launches
+_TUNED: dict = {}  # (device, bucket(M), N, K, g, out kind) -> Config
+TUNE_LOG: list = []  # (key, [(config, ms)]) for benchmarks/notes
+
+
+def _workspace(device, numel: int, tiles: int):
+    ws, cnt = _WS.get(device, (None, None))
+    if ws is None or ws.numel() < numel:
+        ws = torch.zeros(max(numel, 1 << 16), dtype=torch.int32, device=device)
+    if cnt is None or cnt.numel() < tiles:
+        cnt = torch.zeros(max(tiles, 4096), dtype=torch.int32, device=device)
+    _WS[device] = (ws, cnt)
+    return ws, cnt
+
+
+def permute_activations(x8: torch.Tensor) -> torch.Tensor:
+    """Natural-order int8 activations -> the kernel's order (evens then odds inside each 128-wide chunk)."""
+    m, k = x8.shape
+    return x8.reshape(m, k // CHUNK, CHUNK // 2, 2).transpose(-1, -2).reshape(m, k).contiguous()
+
+
+def pack_meta(zeros: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """``[N, G]`` int8 zeros/scales -> one ``[G, N]`` int16 plane ``s | z << 8`` (both 0..127)."""
+    s = scales.to(torch.int32) & 0xFF
+    z = zeros.to(torch.int32) & 0xFF
+    return (s | (z << 8)).to(torch.int16).t().contiguous()
+
+
+def _launch(x8p, s_x, qweight, meta, channel_scale, bias, group_size, out, cfg: Config):
+    m, k = x8p.shape
+    n = qweight.shape[0]
+    tiles = triton.cdiv(m, cfg.BM) * triton.cdiv(n, cfg.BN)
+    if cfg.SPLIT_K > 1:
+        ws, cnt = _workspace(x8p.device, m * n, tiles)
+    else:
+        ws, cnt = out, out  # unused
+    out_int32 = out.dtype == torch.int32
+    _a8w4_kernel[(tiles, cfg.SPLIT_K)](
+        x8p, qweight, meta, s_x, channel_scale, bias if bias is not None else channel_scale, out, ws, cnt,
+        m, n, k, x8p.stride(0), qweight.stride(0), out.stride(0),
+        GROUP=group_size, BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, SPLIT_K=cfg.SPLIT_K, GROUP_M=cfg.GROUP_M,
+        SWAP=cfg.SWAP, HAS_BIAS=bias is not None, OUT_INT32=out_int32,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return out
+
+
+def _pick(x8p, s_x, qweight, meta, channel_scale, bias, group_size, out) -> Config:
+    m, k = x8p.shape
+    n = qweight.shape[0]
+    dev = x8p.device
+    key = (str(dev), _bucket(m), n, k, group_size, out.dtype == torch.int32)
+    cfg = _TUNED.get(key)
+    if cfg is not None:
+        return cfg
+    cands = candidates(m, n, k, group_size, _num_sms(dev))
+    if not cands:
+        raise ValueError(f"no Triton tile config fits K={k}, group size {group_size}")
+    if dev.type != "cuda" or os.environ.get("DGQ_TRITON_TUNE", "1") == "0" or len(cands) == 1:
+        cfg = cands[0]
+    else:
+        from triton.testing import do_bench
+
+        timed, ref = [], None
+        for c in cands:
+            try:
+                _launch(x8p, s_x, qweight, meta, channel_scale, bias, group_size, out, c)
+                got = out.clone()
+                if ref is None:
+                    ref = got
+                elif not torch.equal(got, ref):  # a config that disagrees with the first is dropped
+                    timed.append((c, float("inf")))
+                    continue
+                ms = do_bench(lambda c=c: _launch(x8p, s_x, qweight, meta, channel_scale, bias, group_size, out, c),
+                              warmup=5, rep=25, return_mode="median")
+            except Exception as e:  # noqa: BLE001 - a config that fails to compile is skipped
+                ms = float("inf")
+                TUNE_LOG.append((key, f"{c}: {type(e).__name__}: {str(e)[:200]}"))
+            timed.append((c, ms))
+        timed.sort(key=lambda t: t[1])
+        cfg = timed[0][0]
+        TUNE_LOG.append((key, [(str(c), ms) for c, ms in timed]))
+    _TUNED[key] = cfg
+    return cfg
+
+
+def _check_gemm_args(x8, qweight, group_size):
+    m, k = x8.shape
+    if k % CHUNK:
+        raise ValueError(f"K={k} must be a multiple of {CHUNK} for the Triton A8W4 kernel")
+    if group_size % 64 or (group_size > 64 and group_size % 128):
+        raise ValueError(f"group size {group_size} must be 64 or a multiple of 128 for the Triton A8W4 kernel")
+    if qweight.shape[1] * 2 != k:
+        raise ValueError(f"qweight {tuple(qweight.shape)} does not match K={k}")
+
+
+def _gemm(x8, s_x, qweight, zeros, scales, channel_scale, bias, group_size, out, permuted, meta, config):
+    _check_gemm_args(x8, qweight, group_size)
+    x8p = x8.contiguous() if permuted else permute_activations(x8)
+    qweight = qweight.contiguous()
+    if meta is None:
+        meta = pack_meta(zeros, scales)
+    s_x = s_x.float().contiguous()
+    channel_scale = channel_scale.float().contiguous()
+    cfg = config or _pick(x8p, s_x, qweight, meta, channel_scale, bias, group_size, out)
+    return _launch(x8p, s_x, qweight, meta, channel_scale, bias, group_size, out, cfg)
+
+
+def a8w4_gemm(x8, s_x, qweight, zeros, scales, channel_scale, bias, group_size, out_dtype=torch.float16, *,
+              permuted=False, meta=None, out=None, config: Config | None = None):
+    """``epilogue(x8 @ expand(qweight, zeros, scales)^T)`` as ``[M, N]`` ``out_dtype``.
+
+    ``x8`` int8 ``[M, K]`` in natural order (``permuted=True``: already in the kernel's order, as
+    :func:`quantize_per_token_triton` writes with ``permute=True``); ``s_x`` float32 ``[M]``; the weight tensors as
+    in :mod:`dgq.format`. ``meta`` (from :func:`pack_meta`) skips re-laying zeros/scales.
+    """
+    m = x8.shape[0]
+    n = qweight.shape[0]
+    if out is None:
+        out = torch.empty(m, n, dtype=out_dtype, device=x8.device)
+    return _gemm(x8, s_x, qweight, zeros, scales, channel_scale, bias, group_size, out, permuted, meta, config)
+
+
+def a8w4_gemm_int32(x8, qweight, zeros, scales, group_size, *, permuted=False, meta=None, out=None,
+                    config: Config | None = None):
+    """The exact int32 accumulators ``x8 @ expand(qweight, zeros, scales)^T`` (no epilogue), for tests."""
+    m = x8.shape[0]
+    n = qweight.shape[0]
+    if out is None:
+        out = torch.empty(m, n, dtype=torch.int32, device=x8.device)
+    dummy = torch.ones(max(m, n), dtype=torch.float32, device=x8.device)
+    return _gemm(x8, dummy[:m], qweight, zeros, scales, dummy[:n], None, group_size, out, permuted, meta, config)
+
+
+def _quant(x: torch.Tensor, scale: torch.Tensor | None, permute: bool):
+    if x.dim() != 2:
+        raise ValueError(f"expected a 2-D input, got shape {tuple(x.shape)}")
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    m, k = x.shape
+    if permute and k % CHUNK:
+        raise ValueError(f"K={k} must be a multiple of {CHUNK} to permute activations")
+    x8 = torch.empty(m, k, dtype=torch.int8, device=x.device)
+    s = torch.empty(m, dtype=torch.float32, device=x.device)
+    block = triton.next_power_of_2(max(k, 16))
+    warps = 4 if block <= 2048 else (8 if block <= 8192 else 16)
+    sc = scale.float().reshape(1) if scale is not None else s
+    if m:
+        _quant_kernel[(m,)](x, x8, s, sc, k, x.stride(0), BLOCK=block, STATIC=scale is not None,
+                            PERMUTE=permute, num_warps=warps)
+    return x8, s
+
+
+def quantize_per_token_triton(x: torch.Tensor, permute: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused dynamic per-token absmax quantization; bitwise equal to :func:`dgq.quant.act.quantize_per_token`
+    (``permute=True`` writes ``x8`` in the GEMM kernel's activation order)."""
+    return _quant(x, None, permute)
+
+
+def quantize_per_tensor_triton(x: torch.Tensor, scale: torch.Tensor,
+                               permute: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Static per-tensor quantization, as :func:`dgq.quant.act.quantize_per_tensor` (``s_x`` broadcast to [M])."""
+    return _quant(x, scale, permute)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the dispatch entry
+# ----------------------------------------------------------------------------------------------------------------
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_CAP: dict = {}
+
+
+def _capability(device: torch.device) -> tuple[int, int]:
+    cap = _CAP.get(device)
+    if cap is None:
+        cap = _CAP[device] = torch.cuda.get_device_capability(device)
+    return cap
+
+
+class TritonKernel:
+    """CUDA A8W4 kernel for :class:`dgq.nn.DGQLinear` (see the module docstring)."""
+
+    name = "triton"
+
+    def refuse(self, layer, x: torch.Tensor) -> str | None:
+        if layer.act_mode == "none":
+            return "weight-only layer (act_mode='none'); this kernel needs int8 activations"
+        if x.device.type != "cuda":
+            return f"input is on {x.device.type}; the Triton kernel runs on CUDA only"
+        if _INTERPRET:
+            return "TRITON_INTERPRET=1 is set (the interpreter runs on the CPU only)"
+        if x.dtype not in _DTYPES:
+            return f"input dtype {x.dtype} is not fp16/bf16/fp32"
+        if _capability(x.device) < (8, 0):
+            return "int8 tensor-core dot needs compute capability 8.0 or newer"
+        k, g = layer.in_features, layer.group_size
+        if k % CHUNK:
+            return f"K={k} is not a multiple of {CHUNK}"
+        if g % 64 or (g > 64 and g % 128):
+            return f"group size {g} is not 64 or a multiple of 128"
+        return None
+
+    def meta(self, layer) -> torch.Tensor:
+        key = ("triton_meta", layer.zeros.device)
+        meta = layer.kernel_cache.get(key)
+        if meta is None:
+            meta = pack_meta(layer.zeros, layer.scales)
+            layer.kernel_cache[key] = meta
+        return meta
+
+    def forward(self, layer, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype not in _DTYPES:
+            raise ValueError(f"input dtype {x.dtype} is not fp16/bf16/fp32")
+        if layer.act_mode == "static":
+            x8, s_x = quantize_per_tensor_triton(x, layer.act_scale, permute=True)
+        else:
+            x8, s_x = quantize_per_token_triton(x, permute=True)
+        return a8w4_gemm(x8, s_x, layer.qweight, layer.zeros, layer.scales, layer.channel_scale, layer.bias,
+                         layer.group_size, x.dtype, permuted=True, meta=self.meta(layer))

@@ -1,0 +1,174 @@
+"""The Triton A8W4 kernel against the reference semantics.
+
+On the CPU these run under the Triton interpreter (``TRITON_INTERPRET=1``, set here before triton is imported).
+With ``DGQ_TEST_TRITON_NATIVE=1`` and a CUDA device they run the compiled kernels on the GPU instead.
+"""
+
+from __future__ import annotations
+
+import os
+
+NATIVE = os.environ.get("DGQ_TEST_TRITON_NATIVE") == "1"
+if not NATIVE:
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+triton = pytest.importorskip("triton", reason="triton is not installed")
+
+from dgq import format as fmt  # noqa: E402
+from dgq.kernels import triton_a8w4 as T  # noqa: E402
+from dgq.kernels.reference import int32_accumulate  # noqa: E402
+from dgq.nn import DGQLinear  # noqa: E402
+from dgq.quant.act import epilogue, quantize_per_tensor, quantize_per_token  # noqa: E402
+
+if NATIVE and not torch.cuda.is_available():
+    pytest.skip("DGQ_TEST_TRITON_NATIVE=1 needs a CUDA device", allow_module_level=True)
+DEV = "cuda" if NATIVE else "cpu"
+
+SHAPES = [  # (M, N, K, group)
+    (1, 64, 128, 64),
+    (3, 192, 256, 128),
+    (16, 128, 256, 64),
+    (67, 64, 256, 128),
+    (256, 128, 128, 64),
+]
+
+
+def _gen():
+    return torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
+
+
+def random_layer_tensors(n: int, k: int, g: int, gen: torch.Generator):
+    """Real format: random float W -> codes via quantize_codes with random valid zeros/scales (int8-safe)."""
+    groups = k // g
+    zeros = torch.randint(0, 16, (n, groups), generator=gen, dtype=torch.int8)
+    scales = torch.randint(1, 128, (n, groups), generator=gen, dtype=torch.int8)
+    ch = torch.rand(n, generator=gen) * 0.02 + 1e-3
+    w = torch.randn(n, k, generator=gen) * ch[:, None] * 8 * scales.float().repeat_interleave(g, 1)
+    codes = fmt.quantize_codes(w, ch, scales, zeros, g)
+    return fmt.pack_uint4(codes), zeros, scales, ch.float()
+
+
+def _x(m, k, gen, dtype=torch.float32):
+    x = torch.randn(m, k, generator=gen) * (torch.rand(m, 1, generator=gen) * 4 + 0.1)
+    if m > 1:
+        x[m // 2] = 0  # an all-zero token
+    return x.to(dtype)
+
+
+def _dev(*ts):
+    return [t.to(DEV) if t is not None else None for t in ts]
+
+
+@pytest.mark.parametrize("m,n,k,g", SHAPES)
+def test_int32_accumulators_bitwise(m, n, k, g):
+    gen = _gen()
+    q, z, s, _ = random_layer_tensors(n, k, g, gen)
+    x8 = torch.randint(-127, 128, (m, k), generator=gen, dtype=torch.int8)
+    ref = int32_accumulate(x8, fmt.expand_int8(q, z, s, g))
+    cands = T.candidates(m, n, k, g)
+    assert cands
+    for cfg in cands:
+        out = torch.full((m, n), -(2**31), dtype=torch.int32, device=DEV)  # poisoned
+        got = T.a8w4_gemm_int32(*_dev(x8, q, z, s), g, out=out, config=cfg)
+        assert torch.equal(got.cpu(), ref), cfg
+
+
+@pytest.mark.parametrize("m,n,k,g", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_outputs_match_reference(m, n, k, g, dtype):
+    gen = _gen()
+    q, z, s, ch = random_layer_tensors(n, k, g, gen)
+    bias = torch.randn(n, generator=gen) if m % 2 else None
+    x8, sx = quantize_per_token(_x(m, k, gen))
+    ref = epilogue(int32_accumulate(x8, fmt.expand_int8(q, z, s, g)), sx, ch, bias, torch.float32)
+    out = torch.full((m, n), float("nan"), dtype=dtype, device=DEV)  # poisoned
+    cfg = T.candidates(m, n, k, g)[0]
+    got = T.a8w4_gemm(*_dev(x8, sx, q, z, s, ch, bias), g, dtype, out=out, config=cfg).cpu()
+    assert got.dtype == dtype
+    assert not torch.isnan(got).any(), "output not fully written"
+    eps = torch.finfo(dtype).eps  # the interpreter rounds fp32->bf16 by truncation: allow one ulp
+    tol = ref.abs() * eps + (1e-6 if dtype == torch.float32 else torch.finfo(dtype).tiny)
+    if dtype == torch.float32:  # fused multiply-add in the bias add may differ by an ulp or so
+        tol = tol * 4 + 1e-6 * ref.abs().max()
+    assert ((got.float() - ref).abs() <= tol).all()
+
+
+def test_every_config_matches_within_rounding():
+    gen = _gen()
+    m, n, k, g = 5, 128, 512, 128
+    q, z, s, ch = random_layer_tensors(n, k, g, gen)
+    x8, sx = quantize_per_token(_x(m, k, gen))
+    ref = epilogue(int32_accumulate(x8, fmt.expand_int8(q, z, s, g)), sx, ch, None, torch.float16)
+    for cfg in T.candidates(m, n, k, g):
+        got = T.a8w4_gemm(*_dev(x8, sx, q, z, s, ch), None, g, torch.float16, config=cfg).cpu()
+        assert torch.equal(got, ref), cfg  # no bias: same float ops in the same order
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m,k", [(1, 128), (7, 384), (33, 1000)])
+def test_quantize_per_token_bitwise(m, k, dtype):
+    gen = _gen()
+    x = _x(m, k, gen, dtype)
+    if m > 2:  # exact .5 ties after scaling: round half to even must match torch.round
+        x[1, :4] = torch.tensor([127.0, 0.5, -1.5, 2.5], dtype=dtype)
+    x8, s = quantize_per_token(x)
+    x8t, st = T.quantize_per_token_triton(x.to(DEV))
+    assert torch.equal(st.cpu(), s)
+    assert torch.equal(x8t.cpu(), x8)
+    if k % 128 == 0:
+        x8p, _ = T.quantize_per_token_triton(x.to(DEV), permute=True)
+        assert torch.equal(x8p.cpu(), T.permute_activations(x8))
+
+
+def test_quantize_per_tensor_bitwise():
+    gen = _gen()
+    x = _x(9, 256, gen) * 3
+    scale = torch.tensor(0.037)
+    x8, s = quantize_per_tensor(x, scale)
+    x8t, st = T.quantize_per_tensor_triton(x.to(DEV), scale.to(DEV))
+    assert torch.equal(x8t.cpu(), x8) and torch.equal(st.cpu(), s)
+
+
+@pytest.mark.parametrize("act_mode", ["dynamic", "static"])
+def test_layer_forward_matches_reference_kernel(act_mode):
+    gen = _gen()
+    n, k, g = 128, 256, 64
+    q, z, s, ch = random_layer_tensors(n, k, g, gen)
+    bias = torch.randn(n, generator=gen)
+    layer = DGQLinear.from_tensors(q, z, s, ch, g, bias=bias, act_mode=act_mode, act_scale=0.02)
+    x = _x(6, k, gen, torch.float16)
+    from dgq.kernels.reference import ReferenceKernel
+
+    ref = ReferenceKernel().forward(layer, x.float()).float()
+    layer = layer.to(DEV)
+    got = T.TritonKernel().forward(layer, x.to(DEV)).cpu().float()
+    assert not torch.isnan(got).any()
+    assert ((got - ref).abs() <= ref.abs() * torch.finfo(torch.float16).eps + 1e-4).all()
+
+
+def test_dispatch_refuses_cpu_tensors():
+    from dgq.kernels import explain, select
+
+    gen = _gen()
+    q, z, s, ch = random_layer_tensors(64, 128, 64, gen)
+    layer = DGQLinear.from_tensors(q, z, s, ch, 64)
+    x = torch.randn(2, 128)
+    why = T.TritonKernel().refuse(layer, x)
+    assert why is not None and "cpu" in why.lower()
+    assert select(layer, x).name != "triton"
+    assert "triton: refuses" in explain(layer, x)
+    wo = DGQLinear.from_tensors(q, z, s, ch, 64, act_mode="none")
+    assert "weight-only" in T.TritonKernel().refuse(wo, x)
+
+
+def test_unsupported_group_size_is_refused_and_rejected():
+    gen = _gen()
+    q, z, s, ch = random_layer_tensors(8, 192, 32, gen)
+    layer = DGQLinear.from_tensors(q, z, s, ch, 32)
+    why = T.TritonKernel().refuse(layer, torch.randn(1, 192))
+    assert why is not None
+    with pytest.raises(ValueError, match="multiple of 128"):
+        T.a8w4_gemm_int32(torch.zeros(1, 192, dtype=torch.int8), q, z, s, 32)
