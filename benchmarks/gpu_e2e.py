@@ -190,6 +190,13 @@ def main():
                decode_method="StaticCache, 1 step captured in a CUDA graph (forward + argmax), replayed; "
                              f"{args.steps} steps after a {args.prompt}-token prompt",
                smoke=args.smoke, bf16=bf16, dgq_a8w4=dgq, speedup=ratios, seconds=time.time() - t0)
+    try:
+        from dgq.kernels import triton_a8w4 as T
+
+        out["kernel_configs"] = {str(kk): str(c) for kk, c in T._TUNED.items()}
+        out["tuned_from"] = os.environ.get("DGQ_TRITON_TUNED")
+    except ImportError:
+        pass
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "gpu_e2e.json"), "w") as f:
         json.dump(out, f, indent=1)

@@ -69,11 +69,43 @@ def test_int32_accumulators_bitwise(m, n, k, g):
     x8 = torch.randint(-127, 128, (m, k), generator=gen, dtype=torch.int8)
     ref = int32_accumulate(x8, fmt.expand_int8(q, z, s, g))
     cands = T.candidates(m, n, k, g)
-    assert cands
-    for cfg in cands:
+    assert cands and any(c.V1 for c in cands) and any(not c.V1 for c in cands)
+    for cfg in cands:  # every candidate: factored v2 (split-K, swapped, unrolled) and the v1 kernel
         out = torch.full((m, n), -(2**31), dtype=torch.int32, device=DEV)  # poisoned
         got = T.a8w4_gemm_int32(*_dev(x8, q, z, s), g, out=out, config=cfg)
         assert torch.equal(got.cpu(), ref), cfg
+
+
+@pytest.mark.parametrize("g", [256, 512])
+def test_int32_large_groups(g):
+    gen = _gen()
+    m, n, k = 5, 64, 1024
+    q, z, s, _ = random_layer_tensors(n, k, g, gen)
+    x8 = torch.randint(-127, 128, (m, k), generator=gen, dtype=torch.int8)
+    ref = int32_accumulate(x8, fmt.expand_int8(q, z, s, g))
+    for cfg in T.candidates(m, n, k, g, v1=False)[:2]:
+        out = torch.full((m, n), -(2**31), dtype=torch.int32, device=DEV)
+        assert torch.equal(T.a8w4_gemm_int32(*_dev(x8, q, z, s), g, out=out, config=cfg).cpu(), ref), cfg
+
+
+def test_extreme_values_no_overflow():
+    """Largest |x8| and |w8| everywhere (K = 11008-like depth scaled down): the factored sum stays exact."""
+    gen = _gen()
+    m, n, k, g = 3, 64, 1024, 128
+    groups = k // g
+    z = torch.zeros(n, groups, dtype=torch.int8)
+    s = torch.full((n, groups), 127, dtype=torch.int8)
+    codes = torch.ones(n, k, dtype=torch.uint8)  # w8 = 127
+    codes[1::2] = 0  # z = 0, code 0 -> w8 = 0 on odd rows
+    z[2::4] = 1
+    codes[2::4] = 0  # w8 = -127
+    q = fmt.pack_uint4(codes)
+    x8 = torch.full((m, k), 127, dtype=torch.int8)
+    x8[1] = -127
+    x8[2] = torch.randint(-127, 128, (k,), generator=gen, dtype=torch.int8)
+    ref = int32_accumulate(x8, fmt.expand_int8(q, z, s, g))
+    for cfg in T.candidates(m, n, k, g)[:2]:
+        assert torch.equal(T.a8w4_gemm_int32(*_dev(x8, q, z, s), g, config=cfg).cpu(), ref), cfg
 
 
 @pytest.mark.parametrize("m,n,k,g", SHAPES)
@@ -119,8 +151,10 @@ def test_quantize_per_token_bitwise(m, k, dtype):
     assert torch.equal(st.cpu(), s)
     assert torch.equal(x8t.cpu(), x8)
     if k % 128 == 0:
-        x8p, _ = T.quantize_per_token_triton(x.to(DEV), permute=True)
+        x8p, _, rs = T.quantize_per_token_triton(x.to(DEV), permute=True, rowsum=True)
         assert torch.equal(x8p.cpu(), T.permute_activations(x8))
+        assert torch.equal(rs.cpu(), T.rowsums(x8, permuted=False))
+        assert torch.equal(T.rowsums(x8p.cpu(), permuted=True), T.rowsums(x8, permuted=False))
 
 
 def test_quantize_per_tensor_bitwise():
