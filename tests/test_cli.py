@@ -82,7 +82,7 @@ def test_static_needs_text_longer_than_a_window(capsys, tiny_hf_dir, tmp_path):
     text = tmp_path / "short.txt"
     text.write_text("too short")
     code, _, err = run_cli(capsys, "quantize", tiny_hf_dir, "--out", tmp_path / "o", "--group-size", "32",
-                           "--act", "static", "--calib", text, "--calib-seqlen", "64")
+                           "--act", "static", "--calib", text, "--seqlen", "64")
     assert_one_line_error(code, err, "fewer than one window")
     assert not (tmp_path / "o").exists()
 

@@ -7,8 +7,10 @@ from .api import DGQConfig, quantize  # noqa: E402
 from .checkpoint import load, save  # noqa: E402
 from .errors import DGQError  # noqa: E402
 from .eval.perplexity import perplexity  # noqa: E402
+from .eval.tasks import evaluate_tasks  # noqa: E402
 from .models import load_model  # noqa: E402
 from .nn import DGQLinear  # noqa: E402
 
-__all__ = ["DGQConfig", "DGQError", "DGQLinear", "load", "load_model", "perplexity", "quantize", "save",
+__all__ = ["DGQConfig", "DGQError", "DGQLinear", "evaluate_tasks", "load", "load_model", "perplexity", "quantize",
+           "save",
            "__version__"]

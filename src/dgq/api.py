@@ -21,19 +21,29 @@ from .errors import DGQError
 from .nn import DGQLinear
 from .quant.rtn import rtn_quantize
 
-METHODS = ("rtn",)
+METHODS = ("rtn", "dgq")
+# From the ablation matrix (README, benchmarks/results/quality.json): smoothing is vital for static per-tensor
+# scales and hurts per-token ones (their outliers are already handled per token; the fold only moves them into the
+# 4-bit weights).
+DEFAULT_SMOOTH = {"static": True, "dynamic": False, "none": False}
 
 
 @dataclass
 class DGQConfig:
     """What to quantize and how.
 
-    method: ``rtn`` (data-free DGQ scales).
+    method: ``rtn`` (data-free DGQ scales) or ``dgq`` (block-by-block calibration: percentile smoothing and the
+        two-phase scale search on calibration activations; needs ``calib``).
     group_size: along K; must divide every quantized layer's input size (-1 = one group per row).
     act: ``dynamic`` (per-token absmax, default) or ``static`` (per-tensor, from calibration data).
     weights_only: keep float activations (A16W4) in the same storage format.
     s_int_rounding: how rtn rounds ``s_group / s_ch`` (``round`` as in the paper/release, or ``ceil``).
     ignore: full module names not to quantize.
+    smooth / search / phase2: the parts of ``dgq`` (``--no-smooth``, ``--no-search``, ``--phase1-only``).
+    search_tokens: calibration tokens sub-sampled for the search objectives (spread over all windows).
+    grid1 / grid2: grid sizes of search phases 1 and 2 (phase 2 spans 1.0 -> 0.2 as in the release); refine: finer
+        phase-2 ratios tried on each side of every channel's best (2·refine more candidates), so 16 + 8 ratios cover
+        the release's 80-point resolution at a third of the cost.
     """
 
     method: str = "rtn"
@@ -43,6 +53,13 @@ class DGQConfig:
     s_int_rounding: str = "round"
     seed: int = 0
     ignore: tuple[str, ...] = field(default_factory=tuple)
+    smooth: bool | str | None = None  # True, False, "selective"; None: the mode's default (see resolved())
+    search: bool = True
+    phase2: bool = True
+    search_tokens: int = 4096
+    grid1: int = 20
+    grid2: int = 16
+    refine: int = 4
 
     def validate(self) -> None:
         if self.method not in METHODS:
@@ -51,8 +68,20 @@ class DGQConfig:
             raise DGQError(f"unknown activation mode {self.act!r}; choose dynamic or static")
         if self.s_int_rounding not in ("round", "ceil"):
             raise DGQError(f"s_int_rounding must be round or ceil, got {self.s_int_rounding!r}")
+        if self.smooth not in (None, True, False, "selective"):
+            raise DGQError(f"smooth must be true, false or 'selective', got {self.smooth!r}")
         if self.group_size == 0 or self.group_size < -1:
             raise DGQError(f"group size must be positive or -1 (per-channel), got {self.group_size}")
+
+    def resolved(self) -> DGQConfig:
+        """Fill the defaults that depend on other fields: smoothing is on for static activations (vital there) and
+        off for dynamic ones and weight-only (see README's ablation table)."""
+        from dataclasses import replace
+
+        smooth = self.smooth
+        if smooth is None:
+            smooth = DEFAULT_SMOOTH[self.act_mode]
+        return replace(self, smooth=smooth)
 
     @property
     def act_mode(self) -> str:
@@ -102,8 +131,12 @@ def quantize_linear(mod: nn.Linear, name: str, config: DGQConfig, act_scale: flo
 def quantize(model: nn.Module, config: DGQConfig | None = None, calib: torch.Tensor | None = None,
              progress: bool = True) -> nn.Module:
     """Quantize ``model`` in place and return it. ``calib`` ([n, seqlen] token ids) is needed for static scales."""
-    config = config or DGQConfig()
+    config = (config or DGQConfig()).resolved()
     targets = validate_model(model, config)
+    if config.method == "dgq":
+        if calib is None:
+            raise DGQError("method dgq needs calibration data: pass calib token windows (CLI: --calib)")
+        return _quantize_dgq(model, config, targets, calib, progress)
     act_scales: dict[str, float] = {}
     if config.act_mode == "static":
         if calib is None:
@@ -114,6 +147,32 @@ def quantize(model: nn.Module, config: DGQConfig | None = None, calib: torch.Ten
     for name, mod in tqdm(targets.items(), desc="quantize", disable=not progress, leave=False):
         _set_module(model, name, quantize_linear(mod, name, config, act_scales.get(name)))
     model.dgq_config = build_quantization_config(model, config)
+    return model
+
+
+def _quantize_dgq(model, config: DGQConfig, targets: dict, calib: torch.Tensor, progress: bool):
+    from .calib import calibrate
+    from .quant.search import default_grid1, default_grid2, dgq_search
+
+    arch = arch_for_config(model.config)
+    grid1, grid2 = default_grid1(config.grid1), default_grid2(config.grid2)
+
+    def make_layer(lin: nn.Linear, name: str, stats) -> DGQLinear:
+        g = fmt.resolve_group_size(lin.in_features, config.group_size, name)
+        w = lin.weight.detach().float().cpu()
+        if config.search:
+            qw = dgq_search(w, stats.hessian(), g, phase2_enabled=config.phase2, grid1=grid1, grid2=grid2,
+                            refine=config.refine)
+        else:
+            qw = rtn_quantize(w, g, rounding=config.s_int_rounding)
+        bias = None if lin.bias is None else lin.bias.detach().cpu().clone()
+        act_scale = stats.static_scale() if config.act_mode == "static" else None
+        return DGQLinear.from_tensors(qw.qweight, qw.zeros, qw.scales, qw.channel_scale, g, bias=bias,
+                                      act_mode=config.act_mode, act_scale=act_scale, name=name)
+
+    log = calibrate(model, arch, targets, calib, config, make_layer, progress=progress)
+    model.dgq_config = build_quantization_config(model, config)
+    model.dgq_config["calibration"] = {"windows": int(calib.shape[0]), "seqlen": int(calib.shape[1]), **log}
     return model
 
 

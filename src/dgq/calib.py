@@ -1,40 +1,320 @@
-"""Calibration orchestration: run calibration windows through the model and collect activation statistics."""
+"""Calibration orchestration: block-by-block DGQ calibration with hooks, activation capture and bounded memory.
+
+The first block's inputs are captured once; block i is calibrated on the outputs of the already-quantized blocks
+< i. Activations live on the CPU, one block's worth at a time (inputs, FP outputs, sub-sampled linear inputs), so
+peak memory is the model plus one block's activations, whatever the depth.
+
+Per block: (1) a float pass with hooks collects, for every quantized linear's input, the per-window per-channel
+absmax and a fixed random sub-sample of tokens; (2) percentile smoothing factors are computed from those and
+folded exactly into the weights (the captured statistics are rescaled the same way, no second pass needed);
+(3) each linear's scales are searched on its sub-sampled inputs and it is swapped for a DGQLinear; (4) a quantized
+pass produces the next block's inputs. Each linear's relative output error is logged.
+"""
 
 from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import format as fmt
+from .arch import Arch, Smooth, get_blocks
 from .errors import DGQError
+from .quant import smooth as sm
+from .quant.act import quantize_per_tensor, quantize_per_token
+
+
+class _Stop(Exception):
+    pass
+
+
+@dataclass
+class LinearStats:
+    """What the float pass records about one linear's input."""
+
+    window_absmax: list = field(default_factory=list)  # per window: [K] absmax
+    samples: list = field(default_factory=list)  # per window: [t, K] sub-sampled tokens
+    _h: torch.Tensor | None = None
+
+    def hessian(self) -> torch.Tensor:
+        """``XᵀX / T`` of the sampled inputs, computed once (linears that share an input share their stats)."""
+        if self._h is None:
+            from .quant.search import hessian
+
+            self._h = hessian(self.x())
+        return self._h
+
+    def absmax(self) -> torch.Tensor:
+        return torch.stack(self.window_absmax).amax(0)
+
+    def x(self) -> torch.Tensor:
+        return torch.cat(self.samples)
+
+    def static_scale(self) -> float:
+        """The release's static per-tensor scale: max over channels of min over windows of per-channel absmax."""
+        s = torch.stack(self.window_absmax).amin(0).amax().item() / 127.0
+        return s if s > 0 else 1.0
+
+    def rescale(self, f: torch.Tensor) -> None:
+        """Inputs divided per channel by ``f`` (what smoothing does to this linear's input)."""
+        self.window_absmax = [a / f for a in self.window_absmax]
+        self.samples = [s / f for s in self.samples]
+        self._h = None
+
+
+@torch.no_grad()
+def capture_block_inputs(model: nn.Module, arch: Arch, calib: torch.Tensor):
+    """Inputs of block 0 for every window ([n, L, d] on the CPU) and each block's keyword arguments.
+
+    Keyword arguments (masks, rotary tables) depend only on the window length, so they are taken from the first
+    window, per block (Gemma 2/3 give sliding and full attention layers different masks).
+    """
+    blocks = get_blocks(model, arch)
+    device = next(model.parameters()).device
+    kwargs_per_block: list = [None] * len(blocks)
+    hidden: list[torch.Tensor] = []
+
+    def grab_kwargs(i):
+        def hook(mod, args, kwargs):
+            if kwargs_per_block[i] is None:
+                kwargs_per_block[i] = {k: v for k, v in kwargs.items() if k not in ("hidden_states",)}
+        return hook
+
+    def grab_hidden(mod, args, kwargs):
+        hidden.append((args[0] if args else kwargs["hidden_states"]).detach().cpu())
+        if kwargs_per_block[-1] is not None:
+            raise _Stop
+
+    hooks = [b.register_forward_pre_hook(grab_kwargs(i), with_kwargs=True) for i, b in enumerate(blocks)]
+    hooks.append(blocks[0].register_forward_pre_hook(grab_hidden, with_kwargs=True))
+    try:
+        for row in calib:
+            try:
+                model(row[None].to(device), use_cache=False)
+            except _Stop:
+                pass
+    finally:
+        for h in hooks:
+            h.remove()
+    for kw in kwargs_per_block:
+        kw.pop("use_cache", None)
+        kw["use_cache"] = False
+        for key in ("past_key_values", "past_key_value", "cache"):
+            kw.pop(key, None)
+    return torch.cat(hidden), kwargs_per_block
+
+
+def run_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict, device) -> torch.Tensor:
+    """The block's outputs for every window (one window at a time), on the CPU."""
+    outs = []
+    for h in hidden:
+        o = block(h[None].to(device), **kwargs)
+        outs.append((o[0] if isinstance(o, tuple) else o).detach().cpu())
+    return torch.cat(outs)
+
+
+@torch.no_grad()
+def collect_stats(block: nn.Module, names: list[str], hidden: torch.Tensor, kwargs: dict, tokens_per_window: int,
+                  seed: int, block_index: int, device) -> tuple[dict[str, LinearStats], torch.Tensor]:
+    """Float pass over the block: per-linear input statistics, and the block's float outputs."""
+    stats = {n: LinearStats() for n in names}
+    gen = torch.Generator().manual_seed(seed * 100003 + block_index)
+    seqlen = hidden.shape[1]
+    idx_holder = {}
+    # linears fed the very same tensor (q/k/v, gate/up) share one LinearStats; holding the tensor for the window
+    # keeps its id from being reused by a later, different input
+    seen: dict[int, tuple[str, torch.Tensor]] = {}
+
+    def hook_for(name):
+        def hook(mod, args):
+            first = seen.setdefault(id(args[0]), (name, args[0]))[0]
+            if first != name:
+                stats[name] = stats[first]
+                return
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).float().cpu()
+            if not torch.isfinite(x).all():
+                raise DGQError(f"NaN/Inf in the input activations of block {block_index} layer {name} during "
+                               f"calibration")
+            stats[name].window_absmax.append(x.abs().amax(0))
+            stats[name].samples.append(x[idx_holder["idx"]].clone())
+        return hook
+
+    hooks = [block.get_submodule(n).register_forward_pre_hook(hook_for(n)) for n in names]
+    outs = []
+    try:
+        for h in hidden:
+            idx_holder["idx"] = torch.randperm(seqlen, generator=gen)[:tokens_per_window].sort().values
+            seen.clear()
+            o = block(h[None].to(device), **kwargs)
+            outs.append((o[0] if isinstance(o, tuple) else o).detach().cpu())
+    finally:
+        for hk in hooks:
+            hk.remove()
+    out = torch.cat(outs)
+    if not torch.isfinite(out).all():
+        raise DGQError(f"NaN/Inf in the outputs of block {block_index} during calibration")
+    return stats, out
+
+
+def _rows(t: torch.Tensor, spec: Smooth) -> slice:
+    n = t.shape[0]
+    return slice(n // 2, n) if spec.src_rows == "second_half" else slice(0, n)
+
+
+@torch.no_grad()
+def fold_smoothing(block: nn.Module, spec: Smooth, f: torch.Tensor, norm_offset: float) -> None:
+    """Fold ``f`` exactly: source divided by f, consumers' input columns multiplied by f."""
+    src = block.get_submodule(spec.src)
+    if spec.kind == "norm":
+        w = getattr(src, "weight", None)
+        if not isinstance(w, torch.Tensor) or w.shape != f.shape:
+            raise DGQError(f"cannot fold smoothing into {spec.src} ({type(src).__name__}): it has no per-channel "
+                           f"weight; use --no-smooth")
+        w.copy_(sm.fold_norm_weight(w, f.to(w.device), norm_offset))
+        b = getattr(src, "bias", None)
+        if isinstance(b, torch.Tensor):
+            b.copy_(sm.scale_output_rows(b, f.to(b.device)))
+    else:
+        rows = _rows(src.weight, spec)
+        src.weight[rows] = sm.scale_output_rows(src.weight[rows], f.to(src.weight.device))
+        if src.bias is not None:
+            src.bias[rows] = sm.scale_output_rows(src.bias[rows], f.to(src.bias.device))
+    for d in spec.dsts:
+        lin = block.get_submodule(d)
+        lin.weight.copy_(sm.scale_input_columns(lin.weight, f.to(lin.weight.device)))
+
+
+def _proxy_error(w: torch.Tensor, x: torch.Tensor, static_scale: float | None, group_size: int) -> float:
+    """Squared output error of data-free DGQ weights with int8 activations (the selective-smoothing criterion)."""
+    from .quant.rtn import rtn_quantize
+
+    g = fmt.resolve_group_size(w.shape[1], group_size)
+    w_hat = rtn_quantize(w, g).dequantize()
+    if static_scale is None:
+        x8, s_x = quantize_per_token(x)
+    else:
+        x8, s_x = quantize_per_tensor(x, torch.tensor(static_scale))
+    return ((x8.float() * s_x[:, None]) @ w_hat.T - x @ w.T).square().sum().item()
+
+
+def fold_gain(dsts: dict, f: torch.Tensor, config) -> tuple[float, float]:
+    """Selective smoothing: the consumers' summed quantized output error without and with the fold ``f``
+    (weights quantized data-free, activations as the layer will run them). Keep the fold only if it helps."""
+    off = on = 0.0
+    static = config.act_mode == "static"
+    for w, st in dsts.values():
+        x = st.x()
+        off += _proxy_error(w, x, st.static_scale() if static else None, config.group_size)
+        st_on = LinearStats([a / f for a in st.window_absmax], [x / f])
+        on += _proxy_error(w * f[None, :], x / f, st_on.static_scale() if static else None, config.group_size)
+    return off, on
+
+
+def relative_errors(w: torch.Tensor, layer, x: torch.Tensor) -> dict:
+    """Relative output errors on sampled inputs: weight-only (the W4 part) and as executed (A8W4)."""
+    w = w.float()
+    y = x @ w.T
+    ref_norm = y.norm().clamp_min(1e-12)
+    w_hat = layer.dequantized_weight()
+    e_w4 = ((x @ w_hat.T - y).norm() / ref_norm).item()
+    out = {"w4": round(e_w4, 5)}
+    if layer.act_mode != "none":
+        x8, s_x = (quantize_per_tensor(x, layer.act_scale) if layer.act_mode == "static" else quantize_per_token(x))
+        y_q = (x8.float() * s_x[:, None]) @ w_hat.T
+        out["a8w4"] = round(((y_q - y).norm() / ref_norm).item(), 5)
+        out["a8"] = round((((x8.float() * s_x[:, None]) @ w.T - y).norm() / ref_norm).item(), 5)
+    return out
+
+
+def calibrate(model: nn.Module, arch: Arch, targets: dict, calib: torch.Tensor, config, make_layer,
+              progress: bool = True) -> dict:
+    """Block-by-block calibration; ``make_layer(linear, name, stats)`` returns the quantized module
+    (``make_layer=None``: smoothing only — the float model is folded and nothing is quantized).
+
+    Returns the calibration log (per block: seconds, smoothing, per-linear errors, block output error).
+    """
+    blocks = get_blocks(model, arch)
+    device = next(model.parameters()).device
+    t0 = time.perf_counter()
+    hidden, kwargs = capture_block_inputs(model, arch, calib)
+    tokens_per_window = max(1, config.search_tokens // max(1, hidden.shape[0]))
+    log = {"capture_seconds": round(time.perf_counter() - t0, 2), "blocks": []}
+    bar = tqdm(range(len(blocks)), desc="calibrate", disable=not progress)
+    for i in bar:
+        tb = time.perf_counter()
+        block = blocks[i]
+        prefix = f"{arch.blocks}.{i}."
+        names = [n[len(prefix):] for n in targets if n.startswith(prefix)]
+        stats, fp_out = collect_stats(block, names, hidden, kwargs[i], tokens_per_window, config.seed, i, device)
+        entry = {"block": i, "smoothed": {}, "linears": {}}
+        if config.smooth:
+            for spec in arch.smooth:
+                if not all(d in stats for d in spec.dsts):
+                    continue
+                if spec.kind == "linear" and prefix + spec.src not in targets:
+                    continue
+                absmax = stats[spec.dsts[0]].absmax()
+                f = sm.smoothing_factors(absmax)
+                if bool((f == 1).all()):
+                    continue
+                if config.smooth == "selective":
+                    dsts = {d: (block.get_submodule(d).weight.detach().float().cpu(), stats[d]) for d in spec.dsts}
+                    off, on = fold_gain(dsts, f, config)
+                    entry.setdefault("selective", {})[spec.src] = {"error_off": off, "error_on": on,
+                                                                   "kept": on < off}
+                    if not on < off:
+                        continue
+                fold_smoothing(block, spec, f, arch.norm_offset)
+                for st in {id(stats[d]): stats[d] for d in spec.dsts}.values():
+                    st.rescale(f)
+                entry["smoothed"][spec.src] = {"channels": int((f > 1).sum()), "max_factor": round(f.max().item(), 3)}
+        if make_layer is None:
+            entry["seconds"] = round(time.perf_counter() - tb, 2)
+            log["blocks"].append(entry)
+            hidden = fp_out if not entry["smoothed"] else run_block(block, hidden, kwargs[i], device)
+            continue
+        for n in names:
+            lin = block.get_submodule(n)
+            fmt.check_finite(lin.weight.detach(), f"weight of {prefix + n} (after smoothing)")
+            layer = make_layer(lin, prefix + n, stats[n])
+            entry["linears"][n] = relative_errors(lin.weight.detach().cpu(), layer, stats[n].x()[::4])
+            parent, _, child = n.rpartition(".")
+            setattr(block.get_submodule(parent) if parent else block, child, layer.to(lin.weight.device))
+        del stats
+        q_out = run_block(block, hidden, kwargs[i], device)
+        if not torch.isfinite(q_out).all():
+            raise DGQError(f"NaN/Inf in the outputs of quantized block {i}")
+        entry["block_output_rel_error"] = round(((q_out - fp_out).norm() / fp_out.norm().clamp_min(1e-12)).item(), 5)
+        entry["seconds"] = round(time.perf_counter() - tb, 2)
+        log["blocks"].append(entry)
+        bar.set_postfix(err=entry["block_output_rel_error"])
+        hidden = q_out
+        del fp_out
+    log["seconds"] = round(time.perf_counter() - t0, 2)
+    return log
 
 
 @torch.no_grad()
 def static_act_scales(model: nn.Module, calib: torch.Tensor, names: list[str], progress: bool = True) -> dict:
-    """Static per-tensor int8 scale for each named linear's input (dgq-method.md §5, as the release does it):
-    per window, the per-channel absmax; then the minimum over windows; then the maximum over channels; / 127."""
-    per_window: dict[str, list[torch.Tensor]] = {n: [] for n in names}
-    hooks = []
+    """Static per-tensor scales for ``rtn`` (no block-by-block pass): one float forward per window with hooks."""
+    stats = {n: LinearStats() for n in names}
 
     def make_hook(name):
         def hook(mod, args):
             x = args[0].detach()
             if not torch.isfinite(x).all():
                 raise DGQError(f"NaN/Inf in the input activations of {name} during calibration")
-            per_window[name].append(x.reshape(-1, x.shape[-1]).abs().amax(0).float().cpu())
-
+            stats[name].window_absmax.append(x.reshape(-1, x.shape[-1]).abs().amax(0).float().cpu())
         return hook
 
-    for n in names:
-        hooks.append(model.get_submodule(n).register_forward_pre_hook(make_hook(n)))
+    hooks = [model.get_submodule(n).register_forward_pre_hook(make_hook(n)) for n in names]
     try:
         for row in tqdm(calib, desc="calibrate", disable=not progress, leave=False):
-            model(row[None].to(model.device), use_cache=False)
+            model(row[None].to(next(model.parameters()).device), use_cache=False)
     finally:
         for h in hooks:
             h.remove()
-    out = {}
-    for n, stats in per_window.items():
-        s = torch.stack(stats).amin(0).amax().item() / 127.0
-        out[n] = s if s > 0 else 1.0
-    return out
+    return {n: s.static_scale() for n, s in stats.items()}

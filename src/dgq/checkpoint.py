@@ -47,8 +47,9 @@ def save(model: nn.Module, path: str | os.PathLike, tokenizer=None, overwrite: b
         gen = getattr(model, "generation_config", None)
         if gen is not None:
             gen.save_pretrained(tmp)
-        save_file(_state(model), tmp / WEIGHTS,
-                  metadata={"format": "dgq", "format_version": str(fmt.FORMAT_VERSION)})
+        # one metadata key: safetensors orders a multi-key metadata map differently from run to run, which
+        # would make identical checkpoints differ in their header bytes
+        save_file(_state(model), tmp / WEIGHTS, metadata={"format": f"dgq-{fmt.FORMAT_VERSION}"})
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if out.exists():

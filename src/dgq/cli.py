@@ -17,10 +17,10 @@ def _add_model(p):
 
 def _add_calib(p):
     p.add_argument("--calib", default="squad-wiki",
-                   help="calibration text: a file, lambada or squad-wiki (default: squad-wiki; used by static "
-                        "activation scales)")
+                   help="calibration text for --method dgq and static activation scales: a file, lambada or "
+                        "squad-wiki (default: squad-wiki, the packaged SQuAD Wikipedia paragraphs)")
     p.add_argument("--nsamples", type=int, default=32, help="calibration windows (default 32)")
-    p.add_argument("--calib-seqlen", type=int, default=1024, help="tokens per calibration window (default 1024)")
+    p.add_argument("--seqlen", type=int, default=512, help="tokens per calibration window (default 512)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,7 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Quantize MODEL into the DGQ A8W4 format and save it to --out.")
     _add_model(q)
     q.add_argument("--out", required=True, help="output folder (written atomically)")
-    q.add_argument("--method", default="rtn", choices=["rtn"], help="scale method (default rtn)")
+    q.add_argument("--method", default="dgq", choices=["dgq", "rtn"],
+                   help="dgq: calibrated (percentile smoothing + two-phase scale search, block by block; default); "
+                        "rtn: data-free min/max scales")
     q.add_argument("--group-size", type=int, default=128, help="group size along K; -1 = per-channel (default 128)")
     q.add_argument("--act", default="dynamic", choices=["dynamic", "static"],
                    help="activation quantization: per-token dynamic (default) or static per-tensor")
@@ -41,13 +43,26 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--force", action="store_true", help="replace --out if it exists")
     _add_calib(q)
+    q.add_argument("--no-smooth", action="store_true", help="dgq: skip percentile-clipping smoothing")
+    q.add_argument("--smooth", action="store_true", help="dgq: force smoothing on (the default for --act static)")
+    q.add_argument("--no-search", action="store_true", help="dgq: data-free scales instead of the grid search")
+    q.add_argument("--phase1-only", action="store_true", help="dgq: fine-grained search only (s_ch = absmax/127)")
+    q.add_argument("--search-tokens", type=int, default=4096,
+                   help="dgq: calibration tokens sub-sampled for the search objectives (default 4096)")
 
-    e = sub.add_parser("eval", help="perplexity of a model or checkpoint on a text",
-                       description="Perplexity on non-overlapping windows of a text.")
+    e = sub.add_parser("eval", help="perplexity and/or zero-shot task accuracy of a model or checkpoint",
+                       description="Perplexity on non-overlapping windows of a text; with --tasks, zero-shot "
+                                   "multiple-choice accuracy (lm-eval 0.4.13 conventions) instead, or in addition "
+                                   "when --text is given too.")
     _add_model(e)
-    e.add_argument("--text", default="squad-wiki", help="a text file, lambada or squad-wiki (default squad-wiki)")
+    e.add_argument("--text", default=None,
+                   help="a text file, lambada or squad-wiki (default squad-wiki; with --tasks only if given)")
     e.add_argument("--seqlen", type=int, default=1024)
     e.add_argument("--max-tokens", type=int, default=32768, help="score the first N tokens (0 = all)")
+    e.add_argument("--tasks", help="comma-separated zero-shot tasks: arc_easy, arc_challenge, piqa, hellaswag, "
+                                   "winogrande, boolq, or all")
+    e.add_argument("--limit", type=int, help="zero-shot: the first N documents of each task (default: all)")
+    e.add_argument("--batch-size", type=int, default=16, help="zero-shot: requests per forward (default 16)")
     e.add_argument("--json", help="write the result as JSON here")
 
     g = sub.add_parser("generate", help="generate text (streamed) from a prompt",
@@ -66,8 +81,12 @@ def cmd_quantize(a) -> None:
     out = Path(a.out)
     if out.exists() and not a.force:
         raise DGQError(f"output {out} already exists; choose another folder or pass --force")
+    if a.smooth and a.no_smooth:
+        raise DGQError("--smooth and --no-smooth contradict each other")
+    smooth = True if a.smooth else (False if a.no_smooth else None)
     cfg = DGQConfig(method=a.method, group_size=a.group_size, act=a.act, weights_only=a.weights_only,
-                    s_int_rounding=a.s_int_rounding, seed=a.seed)
+                    s_int_rounding=a.s_int_rounding, seed=a.seed, smooth=smooth, search=not a.no_search,
+                    phase2=not a.phase1_only, search_tokens=a.search_tokens)
     cfg.validate()
     t0 = time.perf_counter()
     model, tok = load_model(a.model)
@@ -75,22 +94,45 @@ def cmd_quantize(a) -> None:
 
     validate_model(model, cfg)
     calib = None
-    if cfg.act_mode == "static":
-        calib = calibration_windows(a.calib, tok, a.nsamples, a.calib_seqlen, a.seed)
+    if cfg.method == "dgq" or cfg.act_mode == "static":
+        calib = calibration_windows(a.calib, tok, a.nsamples, a.seqlen, a.seed)
     quantize(model, cfg, calib=calib)
     save(model, out, tokenizer=tok, overwrite=a.force)
+    log = model.dgq_config.get("calibration")
+    if log:
+        worst = max(log["blocks"], key=lambda b: b["block_output_rel_error"])
+        print(f"calibrated {len(log['blocks'])} blocks on {log['windows']} x {log['seqlen']} tokens in "
+              f"{log['seconds']} s; worst block output error {worst['block_output_rel_error']:.4f} "
+              f"(block {worst['block']})")
     print(f"saved {out} ({time.perf_counter() - t0:.1f} s)")
 
 
 def cmd_eval(a) -> None:
     from . import load_model, perplexity
 
+    tasks = None
+    if a.tasks is not None:  # check the task list and sizes before loading the model
+        from .eval.tasks import check_tasks
+
+        tasks = check_tasks(a.tasks)
+        if a.limit is not None and a.limit < 1:
+            raise DGQError(f"--limit must be at least 1, got {a.limit}")
+        if a.batch_size < 1:
+            raise DGQError(f"--batch-size must be at least 1, got {a.batch_size}")
     model, tok = load_model(a.model)
-    r = perplexity(model, tok, a.text, seqlen=a.seqlen, max_tokens=a.max_tokens or None)
+    r = {}
+    if tasks is None or a.text is not None:
+        text = a.text or "squad-wiki"
+        r = perplexity(model, tok, text, seqlen=a.seqlen, max_tokens=a.max_tokens or None)
+        print(f"{a.model}: ppl {r['ppl']:.4f} on {r['windows']} x {a.seqlen} tokens of {text} ({r['elapsed_s']} s)")
     r["model"] = a.model
     q = getattr(model, "dgq_config", None)
     r["quantization"] = None if q is None else {k: q[k] for k in ("w_bits", "a_bits", "group_size", "act")}
-    print(f"{a.model}: ppl {r['ppl']:.4f} on {r['windows']} x {a.seqlen} tokens of {a.text} ({r['elapsed_s']} s)")
+    if tasks:
+        from .eval.tasks import evaluate_tasks, format_table
+
+        r["zeroshot"] = evaluate_tasks(model, tok, tasks, limit=a.limit, batch_size=a.batch_size)
+        print(f"{a.model}: zero-shot ({r['zeroshot']['elapsed_s']} s)\n{format_table(r['zeroshot'])}")
     if a.json:
         Path(a.json).write_text(json.dumps(r, indent=2) + "\n")
 

@@ -1,1 +1,1 @@
-"""Evaluation: perplexity on text (and, later, zero-shot tasks)."""
+"""Evaluation: perplexity on text (``perplexity``) and zero-shot multiple-choice tasks (``tasks``)."""

@@ -11,16 +11,16 @@ def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     ``s_x = max|x_row| / 127`` (1.0 for an all-zero row), ``x8 = clamp(round(x / s_x), -127, 127)``, in float32.
     """
     xf = x.float()
-    amax = xf.abs().amax(dim=-1)
+    amax = torch.linalg.vector_norm(xf, ord=float("inf"), dim=-1)  # max |x| in one pass
     s = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
-    x8 = torch.clamp(torch.round(xf / s[:, None]), -127, 127).to(torch.int8)
-    return x8, s
+    y = xf / s[:, None]  # a new tensor: the in-place steps below never touch the caller's x
+    return y.round_().clamp_(-127, 127).to(torch.int8), s
 
 
 def quantize_per_tensor(x: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Static per-tensor: ``x8 = clamp(round(x / scale), -127, 127)``; returns ``s_x`` broadcast to ``[M]``."""
     s = scale.float().reshape(())
-    x8 = torch.clamp(torch.round(x.float() / s), -127, 127).to(torch.int8)
+    x8 = (x.float() / s).round_().clamp_(-127, 127).to(torch.int8)
     return x8, s.expand(x.shape[0]).contiguous()
 
 
@@ -28,7 +28,8 @@ def epilogue(
     acc: torch.Tensor, s_x: torch.Tensor, channel_scale: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype
 ) -> torch.Tensor:
     """``y[m, n] = (acc[m, n] * s_x[m]) * s_ch[n] (+ bias[n])`` in float32, cast to ``dtype``."""
-    y = acc.float() * s_x.float()[:, None] * channel_scale.float()[None, :]
+    y = acc.float()  # a new tensor; (acc * s_x) * s_ch, in this order, in place
+    y.mul_(s_x.float()[:, None]).mul_(channel_scale.float()[None, :])
     if bias is not None:
-        y = y + bias.float()
+        y.add_(bias.float())
     return y.to(dtype)

@@ -1,0 +1,65 @@
+"""Render the README's result tables (markdown) from the committed benchmark JSON files.
+
+    python benchmarks/tables.py quality|cpu|zeroshot
+"""
+
+import json
+import sys
+from pathlib import Path
+
+R = Path(__file__).parent / "results"
+
+LABELS = {
+    "fp": "FP32 (GGUF Q4_1 dequantized)",
+    "rtn": "RTN A8W4 (round s_int), dynamic",
+    "rtn-ceil": "RTN A8W4 (ceil s_int), dynamic",
+    "rtn-w4a16": "RTN W4A16 (round), same format",
+    "rtn-ceil-w4a16": "RTN W4A16 (ceil), same format",
+    "dgq-dyn": "DGQ A8W4 dynamic, smoothing",
+    "dgq-dyn-nosmooth": "DGQ A8W4 dynamic, no smoothing",
+    "dgq-dyn-selective": "DGQ A8W4 dynamic, selective smoothing",
+    "dgq-dyn-phase1": "DGQ A8W4 dynamic, smoothing, phase 1 only",
+    "dgq-dyn-nosmooth-phase1": "DGQ A8W4 dynamic, no smoothing, phase 1 only",
+    "dgq-dyn-nosearch": "DGQ A8W4 dynamic, smoothing, no search",
+    "dgq-static": "DGQ A8W4 static, smoothing",
+    "dgq-static-nosmooth": "DGQ A8W4 static, no smoothing",
+    "dgq-static-selective": "DGQ A8W4 static, selective smoothing",
+    "dgq-static-phase1": "DGQ A8W4 static, smoothing, phase 1 only",
+    "dgq-static-nosmooth-phase1": "DGQ A8W4 static, no smoothing, phase 1 only",
+    "dgq-static-nosearch": "DGQ A8W4 static, smoothing, no search",
+    "dgq-w4a16": "DGQ W4A16 (weights of dgq, float activations)",
+}
+
+
+def quality():
+    d = json.loads((R / "quality.json").read_text())
+    print("| row | WikiText-2 ppl | Δ vs FP | quantize s | peak RSS MB |\n|---|---|---|---|---|")
+    for r in d["results"]:
+        q = "–" if r["config"] is None else r["quant_seconds"]
+        print(f"| {LABELS.get(r['row'], r['row'])} (`{r['row']}`) | {r['ppl']:.2f} | {r['delta_ppl_pct']:+.1f}% | {q} "
+              f"| {r['peak_rss_mb']} |")
+    m = d["machine"]
+    print(f"\n{m['cpu']}, {m['cores']} cores, torch {m['torch']}, {m['date']}")
+
+
+def cpu():
+    d = json.loads((R / "cpu_linear.json").read_text())
+    shapes = list(dict.fromkeys(r["shape"] for r in d["results"]))
+    ms = sorted({r["M"] for r in d["results"]})
+    print("| shape (N×K) | " + " | ".join(f"M={m}" for m in ms) + " |\n|---|" + "---|" * len(ms))
+    for s in shapes:
+        row = {r["M"]: r for r in d["results"] if r["shape"] == s}
+        n, k = row[ms[0]]["N"], row[ms[0]]["K"]
+        print(f"| {s} ({n}×{k}) | " + " | ".join(f"{row[m]['speedup']:.2f}×" for m in ms) + " |")
+    m = d["machine"]
+    print(f"\n{m['cpu']}, {m['cores']} cores, torch {m['torch']}, {m['date']}")
+
+
+def zeroshot():
+    d = json.loads((R / "zeroshot.json").read_text())
+    rows = d["rows"] if "rows" in d else d["results"]
+    print(json.dumps(rows, indent=1)[:3000])
+
+
+if __name__ == "__main__":
+    {"quality": quality, "cpu": cpu, "zeroshot": zeroshot}[sys.argv[1]]()

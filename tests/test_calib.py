@@ -1,0 +1,99 @@
+"""DGQ calibration: exact smoothing folds, the search vs RTN, determinism, bad calibration input."""
+
+import copy
+import json
+
+import pytest
+import torch
+
+import dgq
+from dgq import DGQConfig, DGQError
+from dgq.api import quantizable_linears
+from dgq.arch import arch_for_config
+from dgq.calib import calibrate
+from dgq.quant import smooth as sm
+from tiny import FAMILIES, make_tiny
+
+
+def test_baseline_and_factors():
+    a = torch.ones(200)
+    a[:3] = torch.tensor([50.0, 20.0, 4.0])  # C = 200: baseline = 2nd largest (floor(1 + 1.5) = 2)
+    assert sm.baseline(a).item() == 20.0
+    f = sm.smoothing_factors(a)
+    assert f[0].item() == pytest.approx(2.5) and (f[1:] == 1).all()
+
+
+def test_fold_norm_weight_with_offset():
+    w = torch.randn(8)
+    f = torch.rand(8) + 1
+    for offset in (0.0, 1.0):
+        new = sm.fold_norm_weight(w, f, offset)
+        torch.testing.assert_close(offset + new, (offset + w) / f)
+
+
+def _outlier_model(family):
+    m = make_tiny(family, hidden_size=256, intermediate_size=512)
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if "norm" in n and p.ndim == 1:
+                p[:2] += 5.0  # outlier channels so every norm fold triggers
+    return m
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_smoothing_folds_exactly(family):
+    m = _outlier_model(family)
+    ids = torch.randint(0, 256, (4, 32))
+    with torch.no_grad():
+        ref = m(ids).logits
+    log = calibrate(m, arch_for_config(m.config), quantizable_linears(m), ids, DGQConfig(method="dgq", smooth=True).resolved(),
+                    None, progress=False)
+    assert sum(len(b["smoothed"]) for b in log["blocks"]) == 6  # norm->qkv, norm->mlp, up->down in both blocks
+    with torch.no_grad():
+        out = m(ids).logits
+    assert ((out - ref).abs().max() / ref.abs().max()).item() <= 1e-4
+
+
+def test_nan_activation_names_block_and_layer():
+    m = make_tiny("llama")
+    with torch.no_grad():
+        m.model.layers[1].post_attention_layernorm.weight[3] = float("inf")
+    with pytest.raises(DGQError, match=r"NaN/Inf in the input activations of block 1 layer mlp\.(gate|up)_proj"):
+        dgq.quantize(m, DGQConfig(method="dgq", group_size=32), calib=torch.randint(0, 256, (2, 16)),
+                     progress=False)
+
+
+def test_same_seed_bitwise_identical_checkpoint(tmp_path):
+    base = make_tiny("qwen2", hidden_size=128, intermediate_size=256)
+    calib = torch.randint(0, 256, (4, 48), generator=torch.Generator().manual_seed(3))
+    paths = []
+    for i in range(2):
+        m = copy.deepcopy(base)
+        dgq.quantize(m, DGQConfig(method="dgq", group_size=32, act="static", seed=7), calib=calib, progress=False)
+        paths.append(dgq.save(m, tmp_path / f"run{i}"))
+    from safetensors.torch import load_file
+
+    a, b = (load_file(p / "model.safetensors") for p in paths)
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
+    assert (paths[0] / "model.safetensors").read_bytes() == (paths[1] / "model.safetensors").read_bytes()
+    cfgs = [json.loads((p / "config.json").read_text()) for p in paths]
+    for c in cfgs:  # wall times are metadata, the rest must match
+        cal = c["quantization_config"]["calibration"]
+        for key in ("seconds", "capture_seconds"):
+            cal.pop(key)
+        for b in cal["blocks"]:
+            b.pop("seconds")
+    assert cfgs[0] == cfgs[1]
+    q = cfgs[0]["quantization_config"]
+    assert q["recipe"]["method"] == "dgq" and q["act"] == "static"
+    layers = q["calibration"]["blocks"][0]["linears"]
+    assert set(layers) == {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                           "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"}
+    assert all({"w4", "a8w4", "a8"} <= set(v) for v in layers.values())
+    loaded = dgq.load(paths[0])
+    assert all(float(m.act_scale) > 0 for m in loaded.modules() if isinstance(m, dgq.DGQLinear))
+
+
+def test_dgq_needs_calibration():
+    with pytest.raises(DGQError, match="needs calibration data"):
+        dgq.quantize(make_tiny("llama"), DGQConfig(method="dgq", group_size=32), progress=False)
