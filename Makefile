@@ -21,11 +21,11 @@ $(STAMP): pyproject.toml Makefile
 install: $(STAMP)
 
 demo: install
-	$(VENV)/bin/dgq eval smollm2-135m --text squad-wiki --max-tokens 16384 --json $(OUT)/demo-fp.json
+	$(VENV)/bin/dgq eval smollm2-135m --text lambada --max-tokens 16384 --json $(OUT)/demo-fp.json
 	$(VENV)/bin/dgq quantize smollm2-135m --out $(OUT)/smollm2-a8w4-g64 --group-size 64 --force
-	$(VENV)/bin/dgq eval $(OUT)/smollm2-a8w4-g64 --text squad-wiki --max-tokens 16384 --json $(OUT)/demo-a8w4.json
+	$(VENV)/bin/dgq eval $(OUT)/smollm2-a8w4-g64 --text lambada --max-tokens 16384 --json $(OUT)/demo-a8w4.json
 	$(PY) -c "import json; f=json.load(open('$(OUT)/demo-fp.json')); q=json.load(open('$(OUT)/demo-a8w4.json')); \
-	print(f\"\nSmolLM2-135M on squad-wiki ({q['tokens']} tokens): FP ppl {f['ppl']:.3f} | DGQ A8W4 g64 (rtn) ppl \
+	print(f\"\nSmolLM2-135M on LAMBADA text ({q['tokens']} tokens): FP ppl {f['ppl']:.3f} | DGQ A8W4 g64 ppl \
 	{q['ppl']:.3f} ({100*(q['ppl']/f['ppl']-1):+.1f}%)\")"
 	$(VENV)/bin/dgq generate $(OUT)/smollm2-a8w4-g64 "The capital of France is" --max-new-tokens 24
 

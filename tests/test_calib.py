@@ -46,8 +46,8 @@ def test_smoothing_folds_exactly(family):
     ids = torch.randint(0, 256, (4, 32))
     with torch.no_grad():
         ref = m(ids).logits
-    log = calibrate(m, arch_for_config(m.config), quantizable_linears(m), ids, DGQConfig(method="dgq", smooth=True).resolved(),
-                    None, progress=False)
+    cfg = DGQConfig(method="dgq", smooth=True).resolved()
+    log = calibrate(m, arch_for_config(m.config), quantizable_linears(m), ids, cfg, None, progress=False)
     assert sum(len(b["smoothed"]) for b in log["blocks"]) == 6  # norm->qkv, norm->mlp, up->down in both blocks
     with torch.no_grad():
         out = m(ids).logits
