@@ -1,6 +1,6 @@
 """Render the README's result tables (markdown) from the committed benchmark JSON files.
 
-    python benchmarks/tables.py quality|cpu|zeroshot
+    python benchmarks/tables.py quality|sources|cpu|zeroshot
 """
 
 import json
@@ -42,6 +42,17 @@ def quality():
     print(f"\n{m['cpu']}, {m['cores']} cores, torch {m['torch']}, {m['date']}")
 
 
+def sources(row="dgq-dyn-nosmooth"):
+    d = json.loads((R / "quality.json").read_text())
+    r = next(x for x in d["results"] if x["row"] == row)
+    es = r["error_sources"]["per_layer_type"]
+    print(f"| layer (`{row}`, mean over 30 blocks) | W4 only | A8 only | A8W4 |\n|---|---|---|---|")
+    for name, e in es.items():
+        print(f"| {name} | {e['w4']:.3f} | {e.get('a8', float('nan')):.3f} | {e.get('a8w4', float('nan')):.3f} |")
+    worst = r["error_sources"]["worst_blocks"]
+    print(f"\nWorst blocks by output error: {worst}.")
+
+
 def cpu():
     d = json.loads((R / "cpu_linear.json").read_text())
     shapes = list(dict.fromkeys(r["shape"] for r in d["results"]))
@@ -57,9 +68,20 @@ def cpu():
 
 def zeroshot():
     d = json.loads((R / "zeroshot.json").read_text())
-    rows = d["rows"] if "rows" in d else d["results"]
-    print(json.dumps(rows, indent=1)[:3000])
+    tasks = d["eval"]["tasks"]
+    print("| model | " + " | ".join(tasks) + " | mean acc | wall s |\n|---|" + "---|" * (len(tasks) + 2))
+    for r in d["rows"]:
+        cells = []
+        for t in tasks:
+            v = r["tasks"][t]
+            c = f"{100 * v['acc']:.1f} ± {100 * v['acc_stderr']:.1f}"
+            if "acc_norm" in v:
+                c += f" ({100 * v['acc_norm']:.1f})"
+            cells.append(c)
+        mean = sum(r["tasks"][t]["acc"] for t in tasks) / len(tasks)
+        wall = sum(r["tasks"][t]["elapsed_s"] for t in tasks)
+        print(f"| {r['label']} | " + " | ".join(cells) + f" | {100 * mean:.1f} | {wall:.0f} |")
 
 
 if __name__ == "__main__":
-    {"quality": quality, "cpu": cpu, "zeroshot": zeroshot}[sys.argv[1]]()
+    {"quality": quality, "cpu": cpu, "zeroshot": zeroshot, "sources": sources}[sys.argv[1]]()
