@@ -68,9 +68,10 @@ def test_quantize_eval_generate(capsys, tiny_hf_dir, tmp_path):
     assert run_cli(capsys, "quantize", tiny_hf_dir, "--out", out, "--group-size", "32")[0] == 0
     code, _, err = run_cli(capsys, "quantize", tiny_hf_dir, "--out", out, "--group-size", "32")
     assert_one_line_error(code, err, "already exists")
-    code, stdout, _ = run_cli(capsys, "eval", out, "--text", text, "--seqlen", "64", "--json", tmp_path / "r.json")
+    js = tmp_path / "new" / "r.json"  # --json creates its folder
+    code, stdout, _ = run_cli(capsys, "eval", out, "--text", text, "--seqlen", "64", "--json", js)
     assert code == 0 and "ppl" in stdout
-    r = json.loads((tmp_path / "r.json").read_text())
+    r = json.loads(js.read_text())
     assert {"ppl", "tokens", "seqlen", "model", "elapsed_s"} <= set(r) and r["seqlen"] == 64
     assert r["quantization"]["a_bits"] == 8 and r["ppl"] > 1
     code, _, err = run_cli(capsys, "eval", out, "--text", tmp_path / "missing.txt")

@@ -134,6 +134,7 @@ def cmd_eval(a) -> None:
         r["zeroshot"] = evaluate_tasks(model, tok, tasks, limit=a.limit, batch_size=a.batch_size)
         print(f"{a.model}: zero-shot ({r['zeroshot']['elapsed_s']} s)\n{format_table(r['zeroshot'])}")
     if a.json:
+        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
         Path(a.json).write_text(json.dumps(r, indent=2) + "\n")
 
 
