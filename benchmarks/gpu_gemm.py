@@ -7,7 +7,9 @@ Kernels (all on the same problem ``[M, K] x [K, N]``):
   unfused   DGQ in torch: expand to int8 with torch ops, then _int_mm, then the float epilogue
   tri-int8  a plain Triton int8 GEMM on the already-expanded int8 weight, same epilogue (the ceiling)
   v1        the first fused kernel (in-register int8 expansion), its best config per regime from the first run
-  dgq       ours (v2, factored group scale/zero; dispatch-tuned among v2 configs and v1): a8w4_gemm on int8
+  v3        the fastest v3 config of the tuning (byte-SIMD expansion into int8 tensor-core dots; at M <= 16 also the
+            dp4a GEMV), timed on its own even when the dispatch picks another kernel
+  dgq       ours, dispatch-tuned among v3, GEMV, v2 (factored group scale/zero) and v1 configs: a8w4_gemm on int8
             activations + row sums (epilogue included, bf16 out)
   dgq+q     ours including the per-token activation quantization of bf16 x (+ row sums)
 
@@ -117,7 +119,7 @@ def bench(fns, on_cuda, reps):
         for i in range(reps):
             fns[i % len(fns)]()
     torch.cuda.synchronize()
-    ms = triton.testing.do_bench(g.replay, warmup=10, rep=60, return_mode="median")
+    ms = triton.testing.do_bench(g.replay, warmup=10, rep=40, return_mode="median")
     del g
     return ms * 1e-3 / reps
 
@@ -131,6 +133,26 @@ def tinygemm_pack(q, n, k, g, dev, gen):
         wp = torch.ops.aten._convert_weight_to_int4pack(codes.contiguous(), 8)
     sz = (torch.rand(k // g, n, 2, device=dev, generator=gen) * 0.01 + 0.001).to(torch.bfloat16)
     return wp, sz
+
+
+def best_v3(m, n, k, g, dev):
+    """The fastest v3/GEMV config of the dispatch's tuning for this point (first v3 candidate if not tuned)."""
+    key = (str(torch.device(dev) if dev != "cuda" else torch.device("cuda", torch.cuda.current_device())),
+           T._bucket(m), n, k, g)
+    timed = [(c, ms) for c, ms in T.TUNE_TIMES.get(key, []) if c.kind in ("v3", "gemv") and ms < float("inf")]
+    if timed:
+        return min(timed, key=lambda t: t[1])[0]
+    cands = [c for c in T.candidates(m, n, k, g, T._num_sms(torch.device(dev))) if c.kind in ("v3", "gemv")]
+    return cands[0] if cands else None
+
+
+def best_by_kind(key):
+    """{kind: [config, ms]} of the fastest working config of each kernel kind in the tuning of ``key``."""
+    out = {}
+    for c, ms in T.TUNE_TIMES.get(key, []):
+        if ms < float("inf") and (c.kind not in out or ms < out[c.kind][1]):
+            out[c.kind] = [str(c), ms]
+    return out
 
 
 def main():
@@ -157,6 +179,7 @@ def main():
         W = [random_weights(n, k, g, dev, gen) for _ in range(nsets)]
         W8 = [fmt.expand_int8(q, z, s, g) for q, z, s, _ in W]
         META = [T.pack_meta(z, s) for _, z, s, _ in W]
+        SC = [T.pack_sc(z, s) for _, z, s, _ in W]
         WBF = ([(w8.float() * ch[:, None]).to(torch.bfloat16) for w8, (_, _, _, ch) in zip(W8, W, strict=True)]
                if on_cuda else [])
         TG = []
@@ -175,6 +198,7 @@ def main():
             RS = [T.rowsums(xp, permuted=True) for xp in XP]
             OUT = [torch.empty(m, n, device=dev, dtype=torch.bfloat16) for _ in range(nsets)]
             v1cfg = T.v1_config(m, n, k, g, T._num_sms(torch.device(dev)))
+            v3cfg = None
             try:
                 # correctness on this device: exact int32 reference, same float epilogue
                 x8, sx = Q[0]
@@ -185,14 +209,19 @@ def main():
                 ref = epilogue(acc, sx, W[0][3], None, torch.bfloat16)
                 OUT[0].fill_(float("nan"))
                 got = T.a8w4_gemm(XP[0], sx, W[0][0], W[0][1], W[0][2], W[0][3], None, g, torch.bfloat16,
-                                  permuted=True, meta=META[0], out=OUT[0], rowsum=RS[0])
+                                  permuted=True, meta=META[0], out=OUT[0], rowsum=RS[0], sc=SC[0])
                 acc32 = T.a8w4_gemm_int32(XP[0], W[0][0], W[0][1], W[0][2], g, permuted=True, meta=META[0],
-                                          rowsum=RS[0])
-                v1cfg = T.v1_config(m, n, k, g, T._num_sms(torch.device(dev)))
+                                          rowsum=RS[0], sc=SC[0])
+                v3cfg = best_v3(m, n, k, g, dev)
                 acc_v1 = T.a8w4_gemm_int32(XP[0], W[0][0], W[0][1], W[0][2], g, permuted=True, meta=META[0],
                                            rowsum=RS[0], config=v1cfg)
                 ok_acc = torch.equal(acc_v1, acc)
                 ok_acc = ok_acc and torch.equal(acc32, acc)
+                if v3cfg is not None:  # the v3 column's config bitwise too (the tuning compared every candidate,
+                    # inline-PTX ones included, with the first one that ran: see tune_log for DISAGREES)
+                    acc_v3 = T.a8w4_gemm_int32(XP[0], W[0][0], W[0][1], W[0][2], g, permuted=True, sc=SC[0],
+                                               config=v3cfg)
+                    ok_acc = ok_acc and torch.equal(acc_v3, acc)
                 ok_out = torch.equal(got, ref)
                 qx8, qsx, qrs = T.quantize_per_token_triton(X[0], permute=True, rowsum=True)
                 from dgq.quant.act import quantize_per_token
@@ -204,7 +233,8 @@ def main():
                 else:
                     ok_q = torch.equal(qrs, T.rowsums(qx8, permuted=True))
                 checks.append(dict(n=n, k=k, m=m, int32_exact=ok_acc, out_exact=ok_out, quant_exact=ok_q,
-                                   config=str(T._TUNED.get((str(got.device), T._bucket(m), n, k, g)))))
+                                   config=str(T._TUNED.get((str(got.device), T._bucket(m), n, k, g))),
+                                   v3_config=str(v3cfg)))
                 if not (ok_acc and ok_out and ok_q):
                     print(f"CORRECTNESS FAIL n={n} k={k} m={m}: int32 {ok_acc} out {ok_out} quant {ok_q}")
             except Exception as e:  # noqa: BLE001 - keep timing the other kernels
@@ -231,14 +261,18 @@ def main():
             fns["v1"] = [lambda i=i: T.a8w4_gemm(XP[i], Q[i][1], W[i][0], W[i][1], W[i][2], W[i][3], None, g,
                                                  torch.bfloat16, permuted=True, meta=META[i], out=OUT[i],
                                                  config=v1cfg) for i in range(nsets)]
+            if v3cfg is not None:
+                fns["v3"] = [lambda i=i: T.a8w4_gemm(XP[i], Q[i][1], W[i][0], W[i][1], W[i][2], W[i][3], None, g,
+                                                     torch.bfloat16, permuted=True, sc=SC[i], out=OUT[i],
+                                                     config=v3cfg) for i in range(nsets)]
             fns["dgq"] = [lambda i=i: T.a8w4_gemm(XP[i], Q[i][1], W[i][0], W[i][1], W[i][2], W[i][3], None, g,
                                                   torch.bfloat16, permuted=True, meta=META[i], out=OUT[i],
-                                                  rowsum=RS[i]) for i in range(nsets)]
+                                                  rowsum=RS[i], sc=SC[i]) for i in range(nsets)]
 
             def with_quant(i):
                 x8p, s, rs = T.quantize_per_token_triton(X[i], permute=True, rowsum=True)
                 return T.a8w4_gemm(x8p, s, W[i][0], W[i][1], W[i][2], W[i][3], None, g, torch.bfloat16,
-                                   permuted=True, meta=META[i], out=OUT[i], rowsum=rs)
+                                   permuted=True, meta=META[i], out=OUT[i], rowsum=rs, sc=SC[i])
 
             fns["dgq+q"] = [lambda i=i: with_quant(i) for i in range(nsets)]
             for name, fl in fns.items():
@@ -253,7 +287,7 @@ def main():
                   " ".join(f"{r['kernel']}={r['tops']:.1f}" for r in rows if r["n"] == n and r["k"] == k
                            and r["m"] == m), flush=True)
             X = Q = XP = RS = OUT = None
-        W = W8 = META = WBF = TG = None
+        W = W8 = META = SC = WBF = TG = None
         if on_cuda:
             torch.cuda.empty_cache()
 
@@ -262,6 +296,7 @@ def main():
                units="TOP/s = 2*M*N*K / time (dense ops, int or float); us = microseconds per call",
                timing="CUDA graph of R calls rotating over S input sets (weights > L2), do_bench median / R",
                rows=rows, checks=checks, tune_log=[[str(kk), v] for kk, v in T.TUNE_LOG],
+               best_by_kind={str(kk): best_by_kind(kk) for kk in T.TUNE_TIMES},
                tuned={str(kk): str(c) for kk, c in T._TUNED.items()},
                seconds=time.time() - t_start)
     os.makedirs(args.out, exist_ok=True)
@@ -275,7 +310,7 @@ def main():
 
         fig, axes = plt.subplots(1, len(shapes), figsize=(5 * len(shapes), 4), squeeze=False)
         for ax, (n, k) in zip(axes[0], shapes, strict=True):
-            for name in ["bf16", "int8", "tinygemm", "unfused", "tri-int8", "v1", "dgq", "dgq+q"]:
+            for name in ["bf16", "int8", "tinygemm", "unfused", "tri-int8", "v1", "v3", "dgq", "dgq+q"]:
                 pts = [(r["m"], r["tops"]) for r in rows if r["kernel"] == name and r["n"] == n and r["k"] == k]
                 if pts:
                     ax.plot(*zip(*pts, strict=True), marker="o", label=name)
@@ -297,7 +332,7 @@ def main():
         T.save_tuned(args.tuned)
     except OSError as e:
         print(f"could not save tuned configs: {e}")
-    names = ["bf16", "int8", "tinygemm", "unfused", "tri-int8", "v1", "dgq", "dgq+q"]
+    names = ["bf16", "int8", "tinygemm", "unfused", "tri-int8", "v1", "v3", "dgq", "dgq+q"]
     bad = [c for c in checks if not (c.get("int32_exact") and c.get("out_exact") and c.get("quant_exact"))]
     print(f"\ncorrectness: {len(checks) - len(bad)}/{len(checks)} points exact" + (f"; FAIL {bad}" if bad else ""))
     print(f"TOP/s on {card} (group {g}); columns: " + " ".join(names))

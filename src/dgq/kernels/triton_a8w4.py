@@ -12,6 +12,10 @@ second (``x_perm[c*128 + p*64 + i] = x8[c*128 + 2*i + p]``). Then one tile step 
 (cached in ``layer.kernel_cache``) as one int16 ``[G, N]`` plane ``s | z << 8`` so a tile step reads them with one
 coalesced load per group; the 4-bit codes are read from the saved buffer as is.
 
+v3 (``_v3_kernel``, ``_gemv_kernel``): the same bytes read as int32 words, 4 int8 weights per word built with one
+32-bit multiply-add + xor (byte-SIMD, exact mod 2**32), into tensor-core dots or a dp4a GEMV for decode; the runtime
+(s, C) plane comes from :func:`pack_sc` (see the v3 section of docs/gpu-kernel.md).
+
 Decode (M <= 16) uses split-K with exact int32 atomics and a per-tile arrival counter (the last split writes the
 epilogue and re-zeroes the workspace, so the kernel stays one launch and CUDA-graph safe). Tile configs come from a
 small per-regime list, timed once per (M bucket, N, K, group) on first use (``DGQ_TRITON_TUNE=0`` takes the first).
@@ -272,12 +276,209 @@ def _dgq_kernel(x_ptr, rs_ptr, q_ptr, meta_ptr, sx_ptr, sch_ptr, b_ptr, y_ptr, w
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# v3: byte-SIMD expansion (4 int8 weights per 32-bit word in 3 integer ops) and the dp4a GEMV
+# ----------------------------------------------------------------------------------------------------------------
+# Runtime weight layout (nothing is re-packed): the saved low-nibble-first ``qweight`` ``[N, K/2]`` uint8 is read as
+# int32 words ``[N, K/8]`` (little endian). Byte b of word j holds code[8j + 2b] (low nibble) and code[8j + 2b + 1]
+# (high nibble), so ``w & 0x0F0F0F0F`` = 4 even-k codes, ``(w >> 4) & 0x0F0F0F0F`` = the 4 odd-k codes: exactly the
+# even/odd halves of the permuted activations (word j of a 128-chunk pairs with permuted columns 4j..4j+3 of the
+# chunk's even half / odd half). Per (group, n) the pair ``(s, C = (128 - s*z) * 0x01010101 mod 2**32)`` (int32,
+# ``pack_sc``) turns 4 codes into 4 int8 weights: ``((codes4 * s) + C) ^ 0x80808080`` (each byte of
+# ``q*s + 128 - s*z`` lies in [1, 255] for int8-safe codes, so the 32-bit arithmetic is exact modulo 2**32).
+_M4 = tl.constexpr(0x0F0F0F0F)
+_SIGN = tl.constexpr(-0x7F7F7F80)  # 0x80808080 as int32
+
+@triton.jit
+def _expand4(w, s, c, HI: tl.constexpr):
+    """4 int8 weights per int32 word (byte-SIMD): codes of the low (HI=False) or high nibbles."""
+    if HI:
+        w = w >> 4
+    return ((w & _M4) * s + c) ^ _SIGN
+
+
+@triton.jit
+def _bytes(words, R: tl.constexpr, C: tl.constexpr):
+    """int32 ``[R, C]`` -> int8 ``[R, 4C]`` (byte b of word c -> column 4c + b).
+
+    The 4 copies of each word are made with ``tl.join`` (the joined dims are register-minor in Triton's layout), so
+    each thread's 4 consecutive elements are the 4 bytes of one word and no data moves between threads; on sm_90
+    this compiles to no instructions at all. (An inline-PTX ``prmt`` variant was slower and gave wrong results on
+    the H100 in the 2026-11-26 run; it was removed.)"""
+    w4 = tl.join(tl.join(words, words), tl.join(words, words))  # [R, C, 2, 2]
+    sh = tl.reshape(tl.arange(0, 4) * 8, (1, 1, 2, 2))
+    return tl.reshape((w4 >> sh).to(tl.int8), (R, 4 * C))
+
+
+@triton.jit
+def _dp4a(a, b, c, ASM: tl.constexpr):
+    """``c + sum_i int8(a.byte_i) * int8(b.byte_i)`` elementwise on int32 words."""
+    if ASM:
+        out = tl.inline_asm_elementwise("dp4a.s32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c], dtype=tl.int32,
+                                        is_pure=True, pack=1)
+    else:
+        out = c
+        for i in tl.static_range(4):
+            out += ((a << (24 - 8 * i)) >> 24) * ((b << (24 - 8 * i)) >> 24)
+    return out
+
+
+@triton.jit
+def _group_sc(sc_ptrs, g0, N, GSZ, BN: tl.constexpr, NG: tl.constexpr, RUN: tl.constexpr, W: tl.constexpr):
+    """(s, C) as [BN, 1] (one group per step) or [BN, W] (NG groups per step, RUN word columns each)."""
+    s0 = tl.load(sc_ptrs + g0 * N)
+    c0 = tl.load(sc_ptrs + (GSZ + g0 * N))
+    if NG > 1:
+        jw = tl.arange(0, W)
+        s2 = tl.broadcast_to(s0[:, None], (BN, W))
+        c2 = tl.broadcast_to(c0[:, None], (BN, W))
+        for i in tl.static_range(1, NG):
+            si = tl.load(sc_ptrs + (g0 + i) * N)
+            ci = tl.load(sc_ptrs + (GSZ + (g0 + i) * N))
+            sel = (jw >= i * RUN)[None, :]
+            s2 = tl.where(sel, si[:, None], s2)
+            c2 = tl.where(sel, ci[:, None], c2)
+    else:
+        s2 = s0[:, None]
+        c2 = c0[:, None]
+    return s2, c2
+
+
+@triton.jit
+def _finish(acc, pid, offs_m, offs_n, M, N, sx_ptr, sch_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, stride_ym,
+            BM: tl.constexpr, BN: tl.constexpr, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr,
+            OUT_INT32: tl.constexpr):
+    """Split-K reduction (exact int32 atomics + arrival counter, the last split writes) and the epilogue."""
+    if SPLIT_K > 1:
+        mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+        ws_ptrs = ws_ptr + offs_m[:, None] * N + offs_n[None, :]
+        tl.atomic_add(ws_ptrs, acc, mask=mask)
+        tl.debug_barrier()
+        cnt = tl.atomic_add(cnt_ptr + pid, 1)
+        if cnt == SPLIT_K - 1:
+            total = tl.atomic_xchg(ws_ptrs, tl.zeros([BM, BN], dtype=tl.int32), mask=mask)
+            tl.atomic_xchg(cnt_ptr + pid, 0)
+            _epilogue_store(total, offs_m, offs_n, M, N, sx_ptr, sch_ptr, b_ptr, y_ptr, stride_ym,
+                            HAS_BIAS, OUT_INT32)
+    else:
+        _epilogue_store(acc, offs_m, offs_n, M, N, sx_ptr, sch_ptr, b_ptr, y_ptr, stride_ym, HAS_BIAS, OUT_INT32)
+
+
+@triton.jit
+def _v3_kernel(x_ptr, qw_ptr, sc_ptr, sx_ptr, sch_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
+               M, N, K, stride_xm, stride_qw, stride_ym,
+               GROUP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+               SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr, SWAP: tl.constexpr,
+               HAS_BIAS: tl.constexpr, OUT_INT32: tl.constexpr):
+    """v3 tensor-core kernel: byte-SIMD weight expansion (``_expand4``), two int8 dots per step (even/odd k)."""
+    QW: tl.constexpr = BK // 8  # weight words per row per step
+    HALF: tl.constexpr = BK // 2
+    NG: tl.constexpr = BK // GROUP if BK > GROUP else 1
+    RUN: tl.constexpr = GROUP // 8  # word columns per group when NG > 1
+    GSZ = (K // GROUP) * N
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    num_pid_m = tl.cdiv(M, BM)
+    num_pid_n = tl.cdiv(N, BN)
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    rm = tl.where(offs_m < M, offs_m, 0).to(tl.int64)
+    rn = tl.where(offs_n < N, offs_n, 0)
+    j = tl.arange(0, HALF)
+    xcol = (j // 64) * 128 + (j % 64)  # permuted-activation column of each even-k tile column
+    x_ptrs = x_ptr + rm[:, None] * stride_xm + xcol[None, :]
+    q_ptrs = qw_ptr + rn.to(tl.int64)[:, None] * stride_qw + tl.arange(0, QW)[None, :]
+    sc_ptrs = sc_ptr + rn
+
+    n_kt = K // BK
+    per = tl.cdiv(n_kt, SPLIT_K)
+    kt0 = pid_k * per
+    kt1 = tl.minimum(kt0 + per, n_kt)
+    if SWAP:
+        acc = tl.zeros([BN, BM], dtype=tl.int32)
+    else:
+        acc = tl.zeros([BM, BN], dtype=tl.int32)
+    for kt in range(kt0, kt1):
+        xl = tl.load(x_ptrs + kt * BK)
+        xh = tl.load(x_ptrs + kt * BK + 64)
+        w = tl.load(q_ptrs + kt * QW)
+        s2, c2 = _group_sc(sc_ptrs, (kt * BK) // GROUP, N, GSZ, BN, NG, RUN, QW)
+        wl = _bytes(_expand4(w, s2, c2, False), BN, QW)
+        wh = _bytes(_expand4(w, s2, c2, True), BN, QW)
+        if SWAP:
+            acc = tl.dot(wl, tl.trans(xl), acc, out_dtype=tl.int32)
+            acc = tl.dot(wh, tl.trans(xh), acc, out_dtype=tl.int32)
+        else:
+            acc = tl.dot(xl, tl.trans(wl), acc, out_dtype=tl.int32)
+            acc = tl.dot(xh, tl.trans(wh), acc, out_dtype=tl.int32)
+    if SWAP:
+        acc = tl.trans(acc)
+    _finish(acc, pid, offs_m, offs_n, M, N, sx_ptr, sch_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, stride_ym,
+            BM, BN, SPLIT_K, HAS_BIAS, OUT_INT32)
+
+
+@triton.jit
+def _gemv_kernel(x_ptr, qw_ptr, sc_ptr, sx_ptr, sch_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
+                 M, N, K, stride_xw, stride_qw, stride_ym,
+                 GROUP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                 SPLIT_K: tl.constexpr, ASM: tl.constexpr, HAS_BIAS: tl.constexpr, OUT_INT32: tl.constexpr):
+    """Decode GEMV without ``tl.dot``: 4-bit words streamed, byte-SIMD expansion, ``dp4a`` on int32 words
+    (4 MACs per instruction) into a ``[BM, BN, BK/8]`` int32 accumulator, reduced once at the end; split-K."""
+    QW: tl.constexpr = BK // 8
+    NG: tl.constexpr = BK // GROUP if BK > GROUP else 1
+    RUN: tl.constexpr = GROUP // 8
+    GSZ = (K // GROUP) * N
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    num_pid_n = tl.cdiv(N, BN)
+    pid_m = pid // num_pid_n
+    pid_n = pid % num_pid_n
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    rm = tl.where(offs_m < M, offs_m, 0).to(tl.int64)
+    rn = tl.where(offs_n < N, offs_n, 0)
+    jw = tl.arange(0, QW)
+    xw = (jw // 16) * 32 + (jw % 16)  # x word (4 permuted int8) paired with the even-k half of weight word jw
+    x_ptrs = x_ptr + rm[:, None] * stride_xw + xw[None, :]
+    q_ptrs = qw_ptr + rn.to(tl.int64)[:, None] * stride_qw + jw[None, :]
+    sc_ptrs = sc_ptr + rn
+
+    n_kt = K // BK
+    per = tl.cdiv(n_kt, SPLIT_K)
+    kt0 = pid_k * per
+    kt1 = tl.minimum(kt0 + per, n_kt)
+    acc3 = tl.zeros([BM, BN, QW], dtype=tl.int32)
+    for kt in range(kt0, kt1):
+        w = tl.load(q_ptrs + kt * QW)
+        xl = tl.load(x_ptrs + kt * (2 * QW))
+        xh = tl.load(x_ptrs + (kt * (2 * QW) + 16))
+        s2, c2 = _group_sc(sc_ptrs, (kt * BK) // GROUP, N, GSZ, BN, NG, RUN, QW)
+        lo = _expand4(w, s2, c2, False)
+        hi = _expand4(w, s2, c2, True)
+        acc3 = _dp4a(tl.broadcast_to(xl[:, None, :], (BM, BN, QW)), tl.broadcast_to(lo[None, :, :], (BM, BN, QW)),
+                     acc3, ASM)
+        acc3 = _dp4a(tl.broadcast_to(xh[:, None, :], (BM, BN, QW)), tl.broadcast_to(hi[None, :, :], (BM, BN, QW)),
+                     acc3, ASM)
+    acc = tl.sum(acc3, axis=2)
+    _finish(acc, pid, offs_m, offs_n, M, N, sx_ptr, sch_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, stride_ym,
+            BM, BN, SPLIT_K, HAS_BIAS, OUT_INT32)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # configs
 # ----------------------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Config:
-    """One tile config. ``V1``: the first kernel (in-register int8 expansion); else the factored v2 kernel, whose
-    ``BK`` (natural k per loop iteration) is a multiple of ``max(group, 128)``."""
+    """One tile config. ``V1``: the first kernel (in-register int8 expansion); ``V3``: byte-SIMD expansion into
+    tensor-core dots; ``GEMV``: the dp4a decode kernel (no ``tl.dot``); else the factored v2 kernel, whose ``BK``
+    (natural k per loop iteration) is a multiple of ``max(group, 128)``. ``ASM``: GEMV uses inline PTX ``dp4a``
+    instead of the pure-Triton equivalent (never under the interpreter; ignored by the other kernels)."""
 
     BM: int
     BN: int
@@ -288,6 +489,13 @@ class Config:
     num_warps: int = 4
     num_stages: int = 3
     V1: bool = False
+    V3: bool = False
+    GEMV: bool = False
+    ASM: bool = False
+
+    @property
+    def kind(self) -> str:
+        return "v1" if self.V1 else "v3" if self.V3 else "gemv" if self.GEMV else "v2"
 
 
 def _bucket(m: int) -> int:
@@ -304,7 +512,9 @@ def _num_sms(device: torch.device) -> int:
 
 
 def _fits(c: Config, k: int, g: int) -> bool:
-    if c.V1:
+    if c.V1 or c.V3 or c.GEMV:
+        if (c.V3 or c.GEMV) and c.BK % CHUNK:
+            return False
         return k % c.BK == 0 and (g % c.BK == 0 or (c.BK % g == 0 and c.BK // g <= 4))
     step = max(g, CHUNK)
     return c.BK % step == 0 and k % c.BK == 0
@@ -332,37 +542,63 @@ def v1_config(m: int, n: int, k: int, g: int, sms: int = 132) -> Config:
     return Config(256, 128, 128, num_warps=8, num_stages=3, V1=True)
 
 
-def candidates(m: int, n: int, k: int, g: int, sms: int = 132, v1: bool = True) -> list[Config]:
-    """Tile configs worth trying for this problem, best guess first (``v1``: include the first kernel's best)."""
+def _gemv_configs(m: int, n: int, k: int, sms: int) -> list[Config]:
+    """dp4a GEMV tiles for M <= 16: the ``[BM, BN, BK/8]`` accumulator stays at <= 32 registers a thread."""
+    bm = _bucket(max(m, 1))
+    if bm > 16:
+        return []
+    shapes = {1: [(64, 256), (32, 512), (128, 128)], 2: [(64, 256), (32, 256)], 4: [(32, 256), (64, 128)],
+              8: [(16, 256), (32, 128)], 16: [(16, 128), (8, 256)]}[bm]
+    return [_with_split(Config(bm, bn, bk, GEMV=True, ASM=True, num_warps=4, num_stages=1), m, n, k, sms, 8)
+            for bn, bk in shapes]
+
+
+def candidates(m: int, n: int, k: int, g: int, sms: int = 132, v1: bool = True, v3: bool = True) -> list[Config]:
+    """Tile configs worth trying for this problem, best guess first (``v1``: include the first kernel's best;
+    ``v3``: include the byte-SIMD tensor-core and dp4a GEMV candidates)."""
     step = max(g, CHUNK)
     bk2 = 2 * step if k % (2 * step) == 0 else step
+    cs = []
     if m <= 16:
-        cs = [
+        cs += [
             _with_split(Config(16, 64, bk2, SWAP=True, num_warps=4, num_stages=4), m, n, k, sms, 2),
             _with_split(Config(16, 128, bk2, SWAP=True, num_warps=4, num_stages=4), m, n, k, sms, 2),
             _with_split(Config(16, 64, step, SWAP=True, num_warps=4, num_stages=6), m, n, k, sms, 4),
             _with_split(Config(16, 128, bk2, SWAP=True, num_warps=8, num_stages=3), m, n, k, sms, 1),
         ]
+        if v3:
+            cs += _gemv_configs(m, n, k, sms)
+            cs.append(_with_split(Config(16, 64, 128, SWAP=True, num_warps=4, num_stages=4, V3=True),
+                                  m, n, k, sms, 2))
     elif m <= 128:
-        cs = [
+        cs += [
             Config(64, 128, step, num_warps=4, num_stages=4),
             _with_split(Config(64, 128, step, SWAP=True, num_warps=4, num_stages=4), m, n, k, sms, 1),
             Config(128, 128, step, num_warps=8, num_stages=3),
             Config(64, 64, step, num_warps=4, num_stages=4),
         ]
+        if v3:
+            cs += [Config(64, 128, 128, num_warps=4, num_stages=4, V3=True),
+                   Config(64, 64, 128, num_warps=4, num_stages=4, V3=True),
+                   Config(128, 128, 128, num_warps=8, num_stages=3, V3=True)]
     else:
-        cs = [
-            Config(128, 128, step, num_warps=8, num_stages=4),
-            Config(128, 256, step, num_warps=8, num_stages=3),
-            Config(256, 128, step, SWAP=True, num_warps=8, num_stages=3),
-            Config(128, 128, step, SWAP=True, num_warps=4, num_stages=4),
-        ]
+        if v3:  # the pure-Triton byte extraction compiles to no instructions (sm_90 SASS)
+            cs += [
+                Config(128, 128, 128, num_warps=8, num_stages=3, V3=True),  # 118 regs, 84 KB smem: 2 CTAs/SM
+                Config(256, 128, 128, num_warps=8, num_stages=3, V3=True),
+                Config(128, 256, 128, num_warps=8, num_stages=3, V3=True),
+                Config(64, 128, 128, num_warps=4, num_stages=4, V3=True),  # 3 CTAs/SM
+                Config(256, 128, 128, SWAP=True, num_warps=8, num_stages=3, V3=True),
+            ]
+        cs.append(Config(128, 256, step, num_warps=8, num_stages=3))
         if m <= 512:
             cs.append(Config(64, 128, step, num_warps=4, num_stages=4))
     if v1:
         cs.append(v1_config(m, n, k, g, sms))
     out, seen = [], set()
     for c in cs:
+        if _INTERPRET and c.ASM and c.GEMV:
+            c = replace(c, ASM=False)  # the interpreter cannot run inline PTX
         if _fits(c, k, g) and c not in seen:
             seen.add(c)
             out.append(c)
@@ -375,6 +611,7 @@ def candidates(m: int, n: int, k: int, g: int, sms: int = 132, v1: bool = True) 
 _WS: dict = {}  # device -> (int32 workspace, int32 counters), kept all-zero between launches
 _TUNED: dict = {}  # (device, bucket(M), N, K, g) -> Config
 TUNE_LOG: list = []  # (key, [(config, ms)]) for benchmarks/notes
+TUNE_TIMES: dict = {}  # key -> [(Config, ms)] of the last tuning (inf: failed or disagreed)
 
 
 def save_tuned(path: str) -> None:
@@ -433,7 +670,16 @@ def pack_meta(zeros: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     return (s | (z << 8)).to(torch.int16).t().contiguous()
 
 
-def _launch(x8p, rs, s_x, qweight, meta, channel_scale, bias, group_size, out, cfg: Config):
+def pack_sc(zeros: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """``[N, G]`` int8 zeros/scales -> int32 ``[2, G, N]``: ``s`` and ``C = (128 - s*z) * 0x01010101`` (mod 2**32,
+    as int32) for the byte-SIMD expansion ``((codes4 * s) + C) ^ 0x80808080`` of the v3/GEMV kernels."""
+    s = scales.to(torch.int64)
+    c = ((128 - s * zeros.to(torch.int64)) * 0x01010101) & 0xFFFFFFFF
+    c = torch.where(c >= 2**31, c - 2**32, c)
+    return torch.stack([s, c]).to(torch.int32).transpose(1, 2).contiguous()
+
+
+def _launch(x8p, rs, s_x, qweight, meta, sc, channel_scale, bias, group_size, out, cfg: Config):
     m, k = x8p.shape
     n = qweight.shape[0]
     tiles = triton.cdiv(m, cfg.BM) * triton.cdiv(n, cfg.BN)
@@ -443,26 +689,45 @@ def _launch(x8p, rs, s_x, qweight, meta, channel_scale, bias, group_size, out, c
         ws, cnt = out, out  # unused
     out_int32 = out.dtype == torch.int32
     b = bias if bias is not None else channel_scale
-    if cfg.V1:
+    common = dict(HAS_BIAS=bias is not None, OUT_INT32=out_int32, num_warps=cfg.num_warps,
+                  num_stages=cfg.num_stages)
+    if cfg.V3 or cfg.GEMV:
+        if qweight.data_ptr() % 16:  # e.g. a tensor inside an unaligned checkpoint blob: int32 words need alignment
+            qweight = qweight.clone()
+        qw = qweight.view(torch.int32)
+        asm = cfg.ASM and not _INTERPRET
+        if cfg.GEMV:
+            xw = x8p.view(torch.int32)
+            _gemv_kernel[(tiles, cfg.SPLIT_K)](
+                xw, qw, sc, s_x, channel_scale, b, out, ws, cnt,
+                m, n, k, xw.stride(0), qw.stride(0), out.stride(0),
+                GROUP=group_size, BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, SPLIT_K=cfg.SPLIT_K, ASM=asm, **common,
+            )
+        else:
+            _v3_kernel[(tiles, cfg.SPLIT_K)](
+                x8p, qw, sc, s_x, channel_scale, b, out, ws, cnt,
+                m, n, k, x8p.stride(0), qw.stride(0), out.stride(0),
+                GROUP=group_size, BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, SPLIT_K=cfg.SPLIT_K, GROUP_M=cfg.GROUP_M,
+                SWAP=cfg.SWAP, **common,
+            )
+    elif cfg.V1:
         _a8w4_kernel[(tiles, cfg.SPLIT_K)](
             x8p, qweight, meta, s_x, channel_scale, b, out, ws, cnt,
             m, n, k, x8p.stride(0), qweight.stride(0), out.stride(0),
             GROUP=group_size, BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, SPLIT_K=cfg.SPLIT_K, GROUP_M=cfg.GROUP_M,
-            SWAP=cfg.SWAP, HAS_BIAS=bias is not None, OUT_INT32=out_int32,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            SWAP=cfg.SWAP, **common,
         )
     else:
         _dgq_kernel[(tiles, cfg.SPLIT_K)](
             x8p, rs, qweight, meta, s_x, channel_scale, b, out, ws, cnt,
             m, n, k, x8p.stride(0), rs.stride(0), qweight.stride(0), out.stride(0),
             GROUP=group_size, BM=cfg.BM, BN=cfg.BN, UNROLL=cfg.BK // max(group_size, CHUNK),
-            SPLIT_K=cfg.SPLIT_K, GROUP_M=cfg.GROUP_M, SWAP=cfg.SWAP, HAS_BIAS=bias is not None,
-            OUT_INT32=out_int32, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            SPLIT_K=cfg.SPLIT_K, GROUP_M=cfg.GROUP_M, SWAP=cfg.SWAP, **common,
         )
     return out
 
 
-def _pick(x8p, rs, s_x, qweight, meta, channel_scale, bias, group_size, out) -> Config:
+def _pick(x8p, rs, s_x, qweight, meta, sc, channel_scale, bias, group_size, out) -> Config:
     m, k = x8p.shape
     n = qweight.shape[0]
     dev = x8p.device
@@ -478,24 +743,27 @@ def _pick(x8p, rs, s_x, qweight, meta, channel_scale, bias, group_size, out) -> 
     else:
         from triton.testing import do_bench
 
-        timed, ref = [], None
+        timed, ref, ref_cfg = [], None, None
         for c in cands:
             try:
-                _launch(x8p, rs, s_x, qweight, meta, channel_scale, bias, group_size, out, c)
+                _launch(x8p, rs, s_x, qweight, meta, sc, channel_scale, bias, group_size, out, c)
                 got = out.clone()
                 if ref is None:
-                    ref = got
-                elif not torch.equal(got, ref):  # a config that disagrees with the first is dropped
+                    ref, ref_cfg = got, c
+                elif not torch.equal(got, ref):  # a config that disagrees with the first working one is dropped
                     timed.append((c, float("inf")))
-                    TUNE_LOG.append((key, f"{c}: DISAGREES with {cands[0]}"))
+                    TUNE_LOG.append((key, f"{c}: DISAGREES with {ref_cfg}"))
                     continue
-                ms = do_bench(lambda c=c: _launch(x8p, rs, s_x, qweight, meta, channel_scale, bias, group_size,
-                                                  out, c), warmup=3, rep=15, return_mode="median")
-            except Exception as e:  # noqa: BLE001 - a config that fails to compile is skipped
+                ms = do_bench(lambda c=c: _launch(x8p, rs, s_x, qweight, meta, sc, channel_scale, bias,
+                                                  group_size, out, c), warmup=3, rep=15, return_mode="median")
+            except Exception as e:  # noqa: BLE001 - a config that fails to compile or launch is dropped
                 ms = float("inf")
                 TUNE_LOG.append((key, f"{c}: {type(e).__name__}: {str(e)[-2000:]}"))  # the cause is at the end
             timed.append((c, ms))
         timed.sort(key=lambda t: t[1])
+        TUNE_TIMES[key] = timed
+        if timed[0][1] == float("inf"):
+            raise RuntimeError(f"no Triton A8W4 config ran for {key}; see TUNE_LOG")
         cfg = timed[0][0]
         TUNE_LOG.append((key, [(str(c), ms) for c, ms in timed]))
     _TUNED[key] = cfg
@@ -512,39 +780,44 @@ def _check_gemm_args(x8, qweight, group_size):
         raise ValueError(f"qweight {tuple(qweight.shape)} does not match K={k}")
 
 
-def _gemm(x8, s_x, qweight, zeros, scales, channel_scale, bias, group_size, out, permuted, meta, config, rowsum):
+def _gemm(x8, s_x, qweight, zeros, scales, channel_scale, bias, group_size, out, permuted, meta, config, rowsum,
+          sc=None):
     _check_gemm_args(x8, qweight, group_size)
     x8p = x8.contiguous() if permuted else permute_activations(x8)
     qweight = qweight.contiguous()
-    if meta is None:
+    kind = config.kind if config is not None else None
+    if meta is None and kind in (None, "v1", "v2"):
         meta = pack_meta(zeros, scales)
-    if rowsum is None and not (config is not None and config.V1):  # the v1 kernel does not read row sums
+    if sc is None and kind in (None, "v3", "gemv"):
+        sc = pack_sc(zeros, scales)
+    if rowsum is None and kind in (None, "v2"):  # only the factored v2 kernel reads row sums
         rowsum = rowsums(x8p, permuted=True)
     s_x = s_x.float().contiguous()
     channel_scale = channel_scale.float().contiguous()
-    cfg = config or _pick(x8p, rowsum, s_x, qweight, meta, channel_scale, bias, group_size, out)
-    return _launch(x8p, rowsum, s_x, qweight, meta, channel_scale, bias, group_size, out, cfg)
+    cfg = config or _pick(x8p, rowsum, s_x, qweight, meta, sc, channel_scale, bias, group_size, out)
+    return _launch(x8p, rowsum, s_x, qweight, meta, sc, channel_scale, bias, group_size, out, cfg)
 
 
 def a8w4_gemm(x8, s_x, qweight, zeros, scales, channel_scale, bias, group_size, out_dtype=torch.float16, *,
-              permuted=False, meta=None, out=None, config: Config | None = None, rowsum=None):
+              permuted=False, meta=None, out=None, config: Config | None = None, rowsum=None, sc=None):
     """``epilogue(x8 @ expand(qweight, zeros, scales)^T)`` as ``[M, N]`` ``out_dtype``.
 
     ``x8`` int8 ``[M, K]`` in natural order (``permuted=True``: already in the kernel's order, as
     :func:`quantize_per_token_triton` writes with ``permute=True``); ``s_x`` float32 ``[M]``; the weight tensors as
-    in :mod:`dgq.format`. ``meta`` (from :func:`pack_meta`) skips re-laying zeros/scales; ``rowsum`` (int32
-    ``[M, K/64]``, :func:`rowsums` or the quantization kernel's ``rowsum=True`` output) skips computing it here.
+    in :mod:`dgq.format`. ``meta`` (:func:`pack_meta`) and ``sc`` (:func:`pack_sc`) skip re-laying zeros/scales;
+    ``rowsum`` (int32 ``[M, K/64]``, :func:`rowsums` or the quantization kernel's ``rowsum=True`` output) skips
+    computing it here.
     """
     m = x8.shape[0]
     n = qweight.shape[0]
     if out is None:
         out = torch.empty(m, n, dtype=out_dtype, device=x8.device)
     return _gemm(x8, s_x, qweight, zeros, scales, channel_scale, bias, group_size, out, permuted, meta, config,
-                 rowsum)
+                 rowsum, sc)
 
 
 def a8w4_gemm_int32(x8, qweight, zeros, scales, group_size, *, permuted=False, meta=None, out=None,
-                    config: Config | None = None, rowsum=None):
+                    config: Config | None = None, rowsum=None, sc=None):
     """The exact int32 accumulators ``x8 @ expand(qweight, zeros, scales)^T`` (no epilogue), for tests."""
     m = x8.shape[0]
     n = qweight.shape[0]
@@ -552,7 +825,7 @@ def a8w4_gemm_int32(x8, qweight, zeros, scales, group_size, *, permuted=False, m
         out = torch.empty(m, n, dtype=torch.int32, device=x8.device)
     dummy = torch.ones(max(m, n), dtype=torch.float32, device=x8.device)
     return _gemm(x8, dummy[:m], qweight, zeros, scales, dummy[:n], None, group_size, out, permuted, meta, config,
-                 rowsum)
+                 rowsum, sc)
 
 
 def _quant(x: torch.Tensor, scale: torch.Tensor | None, permute: bool, rowsum: bool = False):
@@ -635,12 +908,26 @@ class TritonKernel:
             layer.kernel_cache[key] = meta
         return meta
 
+    def sc(self, layer) -> torch.Tensor:
+        """The v3/GEMV runtime (s, C) plane (``pack_sc``), built once per layer and device (never saved)."""
+        key = ("triton_sc", layer.zeros.device)
+        sc = layer.kernel_cache.get(key)
+        if sc is None:
+            sc = pack_sc(layer.zeros, layer.scales)
+            layer.kernel_cache[key] = sc
+        return sc
+
     def forward(self, layer, x: torch.Tensor) -> torch.Tensor:
         if x.dtype not in _DTYPES:
             raise ValueError(f"input dtype {x.dtype} is not fp16/bf16/fp32")
+        # a config tuned earlier for this shape: only the factored v2 kernel needs the activation row sums
+        cfg = _TUNED.get((str(x.device), _bucket(x.shape[0]), layer.out_features, layer.in_features,
+                          layer.group_size))
+        need_rs = cfg is None or cfg.kind == "v2"
         if layer.act_mode == "static":
-            x8, s_x, rs = quantize_per_tensor_triton(x, layer.act_scale, permute=True, rowsum=True)
+            q = quantize_per_tensor_triton(x, layer.act_scale, permute=True, rowsum=need_rs)
         else:
-            x8, s_x, rs = quantize_per_token_triton(x, permute=True, rowsum=True)
-        return a8w4_gemm(x8, s_x, layer.qweight, layer.zeros, layer.scales, layer.channel_scale, layer.bias,
-                         layer.group_size, x.dtype, permuted=True, meta=self.meta(layer), rowsum=rs)
+            q = quantize_per_token_triton(x, permute=True, rowsum=need_rs)
+        return a8w4_gemm(q[0], q[1], layer.qweight, layer.zeros, layer.scales, layer.channel_scale, layer.bias,
+                         layer.group_size, x.dtype, permuted=True, meta=self.meta(layer),
+                         rowsum=q[2] if need_rs else None, sc=self.sc(layer), config=cfg)
