@@ -33,8 +33,10 @@ ROWS = {
     "fp": None,
     "rtn": DGQConfig(method="rtn", group_size=G),
     "rtn-ceil": DGQConfig(method="rtn", group_size=G, s_int_rounding="ceil"),
-    "rtn-w4a16": DGQConfig(method="rtn", group_size=G, weights_only=True),
-    "rtn-ceil-w4a16": DGQConfig(method="rtn", group_size=G, weights_only=True, s_int_rounding="ceil"),
+    # DGQ-format (integer group scales) weight-only rows; the standard float-scale RTN W4A16 is in `dgq compare`
+    "rtn-w4a16": DGQConfig(method="rtn", group_size=G, weights_only=True, weight_format="dgq"),
+    "rtn-ceil-w4a16": DGQConfig(method="rtn", group_size=G, weights_only=True, s_int_rounding="ceil",
+                                weight_format="dgq"),
     # the ablation matrix: smoothing on/off x static/dynamic x phase 1 only / both phases
     "dgq-dyn": dgq_cfg("dynamic", smooth=True),
     "dgq-dyn-nosmooth": dgq_cfg("dynamic", smooth=False),
@@ -49,6 +51,8 @@ ROWS = {
     "dgq-dyn-nosearch": dgq_cfg("dynamic", smooth=True, search=False),
     "dgq-static-nosearch": dgq_cfg("static", smooth=True, search=False),
     "dgq-w4a16": DGQConfig(method="dgq", group_size=G, weights_only=True, smooth=False),
+    "dgq-gptq": DGQConfig(method="dgq-gptq", group_size=G),
+    "dgq-gptq-w4a16": DGQConfig(method="dgq-gptq", group_size=G, weights_only=True),
 }
 
 
@@ -87,7 +91,7 @@ def main():
         t0 = time.perf_counter()
         calib = None
         if cfg is not None:
-            if cfg.method == "dgq" or cfg.act == "static" and not cfg.weights_only:
+            if cfg.method != "rtn" or cfg.act == "static" and not cfg.weights_only:
                 calib = calibration_windows(valid, tok, a.nsamples, a.calib_seqlen, cfg.seed)
             dgq.quantize(model, cfg, calib=calib)
         qs = time.perf_counter() - t0

@@ -69,3 +69,13 @@ def test_check_finite():
     w[1, 2] = float("nan")
     with pytest.raises(DGQError, match="weight of x contains 1 NaN/Inf"):
         fmt.check_finite(w, "weight of x")
+
+
+def test_denormal_rows_keep_valid_scales():
+    """A row of denormals: absmax/127 underflows to 0; s_ch falls back to 1 and s_int stays >= 1 (hypothesis found
+    it; the old guard checked absmax > 0 before dividing)."""
+    w = torch.full((4, 64), 1e-45)
+    w[0, 0] = 1.0
+    qw = rtn_quantize(w, 8)
+    assert int(qw.scales.min()) >= 1 and bool((qw.channel_scale > 0).all())
+    assert torch.isfinite(qw.dequantize()).all()

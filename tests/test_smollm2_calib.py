@@ -7,7 +7,7 @@ import dgq
 from dgq import DGQConfig
 from dgq.api import quantizable_linears
 from dgq.arch import arch_for_config
-from dgq.calib import calibrate, capture_block_inputs, collect_stats
+from dgq.calib import calibrate, capture_block_inputs, collect_stats, run_block
 from dgq.data import calibration_windows, read_text, tokenize
 from dgq.quant.rtn import rtn_quantize
 from dgq.quant.search import dgq_search, hessian, output_error
@@ -67,3 +67,31 @@ def test_dgq_beats_rtn_end_to_end(smol, smollm2_dir):
         dgq.quantize(model, cfg, calib=calib if method == "dgq" else None, progress=False)
         ppl[method] = dgq.eval.perplexity.perplexity_of_ids(model, ids, 256, None, progress=False)["ppl"]
     assert ppl["dgq"] < ppl["rtn"], ppl
+
+
+def test_gptq_and_dgq_gptq_on_real_layers(smol):
+    """Real SmolLM2 layers (block 3, full-token Hessian): GPTQ beats RTN W4, DGQ+GPTQ beats the DGQ search."""
+    from dgq.api import dgq_gptq_weight, gptq_w4_weight
+    from dgq.quant.peers import w4_rtn
+
+    model, tok = smol
+    arch = arch_for_config(model.config)
+    calib = calibration_windows("squad-wiki", tok, 4, 256, seed=2)
+    hidden, kwargs = capture_block_inputs(model, arch, calib)
+    with torch.no_grad():
+        for i in range(3):
+            hidden = run_block(model.model.layers[i], hidden, kwargs[i], "cpu")
+    block = model.model.layers[3]
+    names = ["self_attn.v_proj", "mlp.down_proj"]
+    stats, _ = collect_stats(block, names, hidden, kwargs[3], 64, 0, 3, "cpu", full_hessian=True)
+    cfg = DGQConfig(method="dgq-gptq", group_size=64, grid2=8, refine=2)
+    for n in names:
+        w = block.get_submodule(n).weight.detach().float()
+        h = stats[n].hessian()
+        assert stats[n].h_count == 4 * 256
+        gptq = output_error(w, gptq_w4_weight(w, h, 64, cfg).dequantize(), h).sum()
+        rtn = output_error(w, w4_rtn(w, 64).dequantize(), h).sum()
+        assert gptq < 0.9 * rtn, (n, gptq.item(), rtn.item())
+        both, plain = dgq_gptq_weight(w, h, 64, cfg)
+        e_both, e_plain = output_error(w, both.dequantize(), h), output_error(w, plain.dequantize(), h)
+        assert (e_both <= e_plain * (1 + 1e-6)).all() and e_both.sum() < 0.9 * e_plain.sum(), n

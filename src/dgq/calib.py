@@ -38,14 +38,35 @@ class LinearStats:
     window_absmax: list = field(default_factory=list)  # per window: [K] absmax
     samples: list = field(default_factory=list)  # per window: [t, K] sub-sampled tokens
     _h: torch.Tensor | None = None
+    h_sum: torch.Tensor | None = None  # Σ xᵀx over every calibration token (GPTQ), when collected
+    h_tok: torch.Tensor | None = None  # Σ x̂ᵀx̂ with x̂ = x/‖x‖: every token weighted equally
+    h_count: int = 0
 
     def hessian(self) -> torch.Tensor:
-        """``XᵀX / T`` of the sampled inputs, computed once (linears that share an input share their stats)."""
+        """``XᵀX / T``: over every calibration token when it was accumulated (``full_hessian``), else over the
+        sampled tokens; computed once (linears that share an input share their stats)."""
         if self._h is None:
-            from .quant.search import hessian
+            if self.h_sum is not None:
+                self._h = (self.h_sum / max(1, self.h_count)).float()
+            else:
+                from .quant.search import hessian
 
-            self._h = hessian(self.x())
+                self._h = hessian(self.x())
         return self._h
+
+    def add_full(self, x: torch.Tensor) -> None:
+        xd = x.double()
+        xn = xd / xd.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        self.h_sum = xd.T @ xd if self.h_sum is None else self.h_sum.add_(xd.T @ xd)
+        self.h_tok = xn.T @ xn if self.h_tok is None else self.h_tok.add_(xn.T @ xn)
+        self.h_count += x.shape[0]
+
+    def token_hessian(self) -> torch.Tensor:
+        """``Σ x̂ᵀx̂ / T`` with every token scaled to unit norm, so the objective is the mean *relative* output error
+        per token: a few massive-activation tokens (attention sinks) no longer dominate it. Needs ``full_hessian``."""
+        if self.h_tok is None:
+            raise DGQError("token-weighted Hessian was not collected (full_hessian=False)")
+        return (self.h_tok / max(1, self.h_count)).float()
 
     def absmax(self) -> torch.Tensor:
         return torch.stack(self.window_absmax).amax(0)
@@ -62,6 +83,11 @@ class LinearStats:
         """Inputs divided per channel by ``f`` (what smoothing does to this linear's input)."""
         self.window_absmax = [a / f for a in self.window_absmax]
         self.samples = [s / f for s in self.samples]
+        fd = f.double()
+        if self.h_sum is not None:
+            self.h_sum = self.h_sum / fd[:, None] / fd[None, :]
+        if self.h_tok is not None:  # approximate: the per-token norms change with the fold too
+            self.h_tok = self.h_tok / fd[:, None] / fd[None, :]
         self._h = None
 
 
@@ -118,8 +144,10 @@ def run_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict, device) -> t
 
 @torch.no_grad()
 def collect_stats(block: nn.Module, names: list[str], hidden: torch.Tensor, kwargs: dict, tokens_per_window: int,
-                  seed: int, block_index: int, device) -> tuple[dict[str, LinearStats], torch.Tensor]:
-    """Float pass over the block: per-linear input statistics, and the block's float outputs."""
+                  seed: int, block_index: int, device, full_hessian: bool = False
+                  ) -> tuple[dict[str, LinearStats], torch.Tensor]:
+    """Float pass over the block: per-linear input statistics (with ``full_hessian``, also ``Σ xᵀx`` over every
+    token, in float64), and the block's float outputs."""
     stats = {n: LinearStats() for n in names}
     gen = torch.Generator().manual_seed(seed * 100003 + block_index)
     seqlen = hidden.shape[1]
@@ -140,6 +168,8 @@ def collect_stats(block: nn.Module, names: list[str], hidden: torch.Tensor, kwar
                                f"calibration")
             stats[name].window_absmax.append(x.abs().amax(0))
             stats[name].samples.append(x[idx_holder["idx"]].clone())
+            if full_hessian:
+                stats[name].add_full(x)
         return hook
 
     hooks = [block.get_submodule(n).register_forward_pre_hook(hook_for(n)) for n in names]
@@ -229,6 +259,37 @@ def relative_errors(w: torch.Tensor, layer, x: torch.Tensor) -> dict:
     return out
 
 
+def token_relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """Mean over tokens of ``‖out_t − ref_t‖² / ‖ref_t‖²`` (each token counts the same, sinks included)."""
+    d = (out - ref).float().square().sum(-1)
+    return (d / ref.float().square().sum(-1).clamp_min(1e-12)).mean().item()
+
+
+FULL_HESSIAN = ("gptq", "dgq-gptq")  # methods whose Hessian is accumulated over every calibration token
+
+
+def smoothing_for(spec: Smooth, block: nn.Module, stats: dict, config) -> tuple[torch.Tensor | None, dict]:
+    """The per-input-channel factors to fold at ``spec`` for the configured method (None: do not fold).
+
+    dgq / dgq-gptq: percentile clipping (only the outlier channels); smoothquant: ``max|X|^α / max|W|^(1-α)`` at the
+    norms (the original recipe smooths only norm→linear inputs); awq: the activation-aware scale search."""
+    st = stats[spec.dsts[0]]
+    if config.method in ("dgq", "dgq-gptq"):
+        return sm.smoothing_factors(st.absmax()), {}
+    weights = [block.get_submodule(d).weight.detach().float().cpu() for d in spec.dsts]
+    if config.method == "smoothquant":
+        if spec.kind != "norm":
+            return None, {}
+        return sm.smoothquant_factors(st.absmax(), weights, config.alpha), {"alpha": config.alpha}
+    if config.method == "awq":
+        from .quant.awq import awq_scales
+
+        g = fmt.resolve_group_size(weights[0].shape[1], config.group_size)
+        f, info = awq_scales(st.x().abs().mean(0), st.hessian(), weights, g, grid=config.awq_grid)
+        return f, {"alpha": info["alpha"]}
+    return None, {}
+
+
 def calibrate(model: nn.Module, arch: Arch, targets: dict, calib: torch.Tensor, config, make_layer,
               progress: bool = True) -> dict:
     """Block-by-block calibration; ``make_layer(linear, name, stats)`` returns the quantized module
@@ -248,7 +309,8 @@ def calibrate(model: nn.Module, arch: Arch, targets: dict, calib: torch.Tensor, 
         block = blocks[i]
         prefix = f"{arch.blocks}.{i}."
         names = [n[len(prefix):] for n in targets if n.startswith(prefix)]
-        stats, fp_out = collect_stats(block, names, hidden, kwargs[i], tokens_per_window, config.seed, i, device)
+        stats, fp_out = collect_stats(block, names, hidden, kwargs[i], tokens_per_window, config.seed, i, device,
+                                      full_hessian=config.method in FULL_HESSIAN)
         entry = {"block": i, "smoothed": {}, "linears": {}}
         if config.smooth:
             for spec in arch.smooth:
@@ -256,9 +318,8 @@ def calibrate(model: nn.Module, arch: Arch, targets: dict, calib: torch.Tensor, 
                     continue
                 if spec.kind == "linear" and prefix + spec.src not in targets:
                     continue
-                absmax = stats[spec.dsts[0]].absmax()
-                f = sm.smoothing_factors(absmax)
-                if bool((f == 1).all()):
+                f, info = smoothing_for(spec, block, stats, config)
+                if f is None or bool((f == 1).all()):
                     continue
                 if config.smooth == "selective":
                     dsts = {d: (block.get_submodule(d).weight.detach().float().cpu(), stats[d]) for d in spec.dsts}
@@ -270,24 +331,45 @@ def calibrate(model: nn.Module, arch: Arch, targets: dict, calib: torch.Tensor, 
                 fold_smoothing(block, spec, f, arch.norm_offset)
                 for st in {id(stats[d]): stats[d] for d in spec.dsts}.values():
                     st.rescale(f)
-                entry["smoothed"][spec.src] = {"channels": int((f > 1).sum()), "max_factor": round(f.max().item(), 3)}
+                entry["smoothed"][spec.src] = {"channels": int((f != 1).sum()), "max_factor": round(f.max().item(), 3),
+                                               "min_factor": round(f.min().item(), 4), **info}
         if make_layer is None:
             entry["seconds"] = round(time.perf_counter() - tb, 2)
             log["blocks"].append(entry)
             hidden = fp_out if not entry["smoothed"] else run_block(block, hidden, kwargs[i], device)
             continue
+        made = {}
         for n in names:
             lin = block.get_submodule(n)
             fmt.check_finite(lin.weight.detach(), f"weight of {prefix + n} (after smoothing)")
-            layer = make_layer(lin, prefix + n, stats[n])
-            entry["linears"][n] = relative_errors(lin.weight.detach().cpu(), layer, stats[n].x()[::4])
+            made[n] = (lin.weight.detach().cpu(), lin.weight.device, make_layer(lin, prefix + n, stats[n]))
+        # make_layer may give alternatives (a tuple, the same count for every linear): each is run on the
+        # calibration windows and the block keeps the one with the lowest block output error
+        n_alt = max((len(m[2]) for m in made.values() if isinstance(m[2], tuple)), default=0)
+        alt_errors, best = [], None
+        for j in range(max(1, n_alt)):
+            for n, (_, dev, layer) in made.items():
+                chosen = layer[j] if isinstance(layer, tuple) else layer
+                parent, _, child = n.rpartition(".")
+                setattr(block.get_submodule(parent) if parent else block, child, chosen.to(dev))
+            q_out = run_block(block, hidden, kwargs[i], device)
+            if not torch.isfinite(q_out).all():
+                raise DGQError(f"NaN/Inf in the outputs of quantized block {i}")
+            err = token_relative_error(q_out, fp_out)
+            alt_errors.append(round(err, 6))
+            if best is None or err < best[0]:
+                best = (err, j, q_out)
+        _, j_best, q_out = best
+        for n, (w_float, dev, layer) in made.items():
+            chosen = layer[j_best] if isinstance(layer, tuple) else layer
             parent, _, child = n.rpartition(".")
-            setattr(block.get_submodule(parent) if parent else block, child, layer.to(lin.weight.device))
-        del stats
-        q_out = run_block(block, hidden, kwargs[i], device)
-        if not torch.isfinite(q_out).all():
-            raise DGQError(f"NaN/Inf in the outputs of quantized block {i}")
+            setattr(block.get_submodule(parent) if parent else block, child, chosen.to(dev))
+            entry["linears"][n] = relative_errors(w_float, chosen, stats[n].x()[::4])
+        if n_alt:
+            entry["alternatives"] = {"token_rel_error": alt_errors, "chosen": j_best}
+        del stats, made
         entry["block_output_rel_error"] = round(((q_out - fp_out).norm() / fp_out.norm().clamp_min(1e-12)).item(), 5)
+        entry["block_token_rel_error"] = round(token_relative_error(q_out, fp_out), 6)
         entry["seconds"] = round(time.perf_counter() - tb, 2)
         log["blocks"].append(entry)
         bar.set_postfix(err=entry["block_output_rel_error"])

@@ -18,7 +18,7 @@ from torch import nn
 
 from . import format as fmt
 from .errors import DGQError
-from .nn import DGQLinear
+from .nn import FORMATS, DGQLinear, W4A16Linear
 
 WEIGHTS = "model.safetensors"
 
@@ -116,9 +116,16 @@ def load(path: str | os.PathLike, device: str = "cpu") -> nn.Module:
                     from None
             if not isinstance(old, nn.Linear):
                 raise DGQError(f"{path}: quantized module {name} is not a linear in this architecture")
-            new = DGQLinear(spec["in_features"], spec["out_features"], spec["group_size"], bias=spec["bias"],
-                            act_mode=spec["act_mode"],
-                            bias_dtype=old.bias.dtype if old.bias is not None else torch.float32)
+            kind = spec.get("format", "dgq")  # written since the peer formats; older checkpoints are all dgq
+            if kind not in FORMATS:
+                raise DGQError(f"{path}: module {name} has format {kind!r}, which this dgq does not know "
+                               f"({', '.join(FORMATS)}); upgrade dgq")
+            try:
+                new = FORMATS[kind](spec["in_features"], spec["out_features"], spec["group_size"],
+                                    bias=spec["bias"], act_mode=spec["act_mode"],
+                                    bias_dtype=old.bias.dtype if old.bias is not None else torch.float32)
+            except (KeyError, TypeError, ValueError, DGQError) as e:
+                raise DGQError(f"{path}: bad quantization_config entry for {name} ({e})") from None
             new.name = name
             setattr(model.get_submodule(parent), child, new)
     model.to_empty(device="cpu")
@@ -148,6 +155,8 @@ def load(path: str | os.PathLike, device: str = "cpu") -> nn.Module:
     for name, m in model.named_modules():
         if isinstance(m, DGQLinear):
             _check_format(m, path, name)
+        elif isinstance(m, W4A16Linear) and int(m.zeros.max()) > fmt.CODE_MAX:
+            raise DGQError(f"{path}: {name} has zero points outside 0..15; corrupt checkpoint")
     model.dgq_config = q
     return model.to(device).eval()
 

@@ -31,9 +31,16 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Quantize MODEL into the DGQ A8W4 format and save it to --out.")
     _add_model(q)
     q.add_argument("--out", required=True, help="output folder (written atomically)")
-    q.add_argument("--method", default="dgq", choices=["dgq", "rtn"],
-                   help="dgq: calibrated (percentile smoothing + two-phase scale search, block by block; default); "
-                        "rtn: data-free min/max scales")
+    q.add_argument("--method", default="dgq", choices=["dgq", "dgq-gptq", "rtn", "smoothquant", "gptq", "awq"],
+                   help="dgq: calibrated DGQ A8W4 (percentile smoothing + two-phase scale search, block by block; "
+                        "default); dgq-gptq: DGQ's grid with GPTQ error compensation (A8W4); rtn: data-free "
+                        "(A8W4 in the DGQ format, W4A16 with --weights-only, W8A8 with --w-bits 8); smoothquant: "
+                        "W8A8; gptq, awq: W4A16")
+    q.add_argument("--w-bits", type=int, default=None, choices=[4, 8],
+                   help="weight bits (8: W8A8 per-channel int8; rtn and smoothquant)")
+    q.add_argument("--alpha", type=float, default=0.5, help="smoothquant: migration strength (default 0.5)")
+    q.add_argument("--act-order", action="store_true", help="gptq, dgq-gptq: quantize columns by decreasing "
+                                                            "Hessian diagonal (static groups)")
     q.add_argument("--group-size", type=int, default=128, help="group size along K; -1 = per-channel (default 128)")
     q.add_argument("--act", default="dynamic", choices=["dynamic", "static"],
                    help="activation quantization: per-token dynamic (default) or static per-tensor")
@@ -65,6 +72,27 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=int, default=16, help="zero-shot: requests per forward (default 16)")
     e.add_argument("--json", help="write the result as JSON here")
 
+    c = sub.add_parser("compare", help="FP and several methods in one harness: results.json/.md and a plot",
+                       description="Quantize MODEL with each method (same calibration windows, evaluation windows "
+                                   "and seed), save and reload each checkpoint, and evaluate its perplexity. Writes "
+                                   "results.json, results.md and ppl_vs_bits.png into --out.")
+    _add_model(c)
+    c.add_argument("--methods", default="rtn,smoothquant,gptq,awq,dgq,dgq-gptq",
+                   help="comma-separated specs name[:field=value...] (rtn = its W4A16, W4A8 and W8A8 variants; "
+                        "e.g. smoothquant:alpha=0.8, gptq:act_order=true); default: all")
+    c.add_argument("--out", required=True, help="output folder")
+    c.add_argument("--text", default="lambada", help="evaluation text: a file, lambada or squad-wiki")
+    c.add_argument("--group-size", type=int, default=128)
+    c.add_argument("--act", default="dynamic", choices=["dynamic", "static"],
+                   help="activation mode of the int8-activation methods")
+    c.add_argument("--calib", default="squad-wiki", help="calibration text: a file, lambada or squad-wiki")
+    c.add_argument("--nsamples", type=int, default=32, help="calibration windows (default 32)")
+    c.add_argument("--calib-seqlen", type=int, default=512, help="tokens per calibration window (default 512)")
+    c.add_argument("--seqlen", type=int, default=1024, help="evaluation window (default 1024)")
+    c.add_argument("--max-tokens", type=int, default=32768, help="evaluate the first N tokens (0 = all)")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--keep-checkpoints", action="store_true", help="keep every checkpoint under OUT/checkpoints")
+
     g = sub.add_parser("generate", help="generate text (streamed) from a prompt",
                        description="Greedy generation, streamed token by token.")
     _add_model(g)
@@ -84,9 +112,11 @@ def cmd_quantize(a) -> None:
     if a.smooth and a.no_smooth:
         raise DGQError("--smooth and --no-smooth contradict each other")
     smooth = True if a.smooth else (False if a.no_smooth else None)
+    w_bits = a.w_bits or (8 if a.method == "smoothquant" else 4)
     cfg = DGQConfig(method=a.method, group_size=a.group_size, act=a.act, weights_only=a.weights_only,
                     s_int_rounding=a.s_int_rounding, seed=a.seed, smooth=smooth, search=not a.no_search,
-                    phase2=not a.phase1_only, search_tokens=a.search_tokens)
+                    phase2=not a.phase1_only, search_tokens=a.search_tokens, w_bits=w_bits, alpha=a.alpha,
+                    act_order=a.act_order)
     cfg.validate()
     t0 = time.perf_counter()
     model, tok = load_model(a.model)
@@ -94,7 +124,7 @@ def cmd_quantize(a) -> None:
 
     validate_model(model, cfg)
     calib = None
-    if cfg.method == "dgq" or cfg.act_mode == "static":
+    if cfg.method != "rtn" or cfg.act_mode == "static":
         calib = calibration_windows(a.calib, tok, a.nsamples, a.seqlen, a.seed)
     quantize(model, cfg, calib=calib)
     save(model, out, tokenizer=tok, overwrite=a.force)
@@ -138,6 +168,15 @@ def cmd_eval(a) -> None:
         Path(a.json).write_text(json.dumps(r, indent=2) + "\n")
 
 
+def cmd_compare(a) -> None:
+    from .compare import compare
+
+    compare(a.model, methods=a.methods, calib=a.calib, text=a.text, out=a.out, group_size=a.group_size, act=a.act,
+            nsamples=a.nsamples, calib_seqlen=a.calib_seqlen, seqlen=a.seqlen,
+            max_tokens=a.max_tokens or None, seed=a.seed, keep_checkpoints=a.keep_checkpoints)
+    print(f"wrote {Path(a.out) / 'results.json'}, results.md, ppl_vs_bits.png")
+
+
 def cmd_generate(a) -> None:
     import torch
     from transformers import TextStreamer
@@ -159,7 +198,7 @@ def cmd_generate(a) -> None:
 def main(argv=None) -> int:
     a = build_parser().parse_args(argv)
     try:
-        {"quantize": cmd_quantize, "eval": cmd_eval, "generate": cmd_generate}[a.cmd](a)
+        {"quantize": cmd_quantize, "eval": cmd_eval, "compare": cmd_compare, "generate": cmd_generate}[a.cmd](a)
     except DGQError as e:
         print(f"dgq: error: {e}", file=sys.stderr)
         return 2

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import torch
 
-from ..format import expand_int8
 from ..quant.act import epilogue
 
 
 class CpuIntMMKernel:
     name = "cpu-int-mm"
+    formats = ("dgq", "w8a8")
 
     def refuse(self, layer, x: torch.Tensor) -> str | None:
         if x.device.type != "cpu":
@@ -26,7 +26,7 @@ class CpuIntMMKernel:
     def weight_t(self, layer) -> torch.Tensor:
         w8t = layer.kernel_cache.get("cpu_w8t")
         if w8t is None:
-            w8t = expand_int8(layer.qweight, layer.zeros, layer.scales, layer.group_size).t()
+            w8t = layer.int8_weight().t()
             layer.kernel_cache["cpu_w8t"] = w8t
         return w8t
 

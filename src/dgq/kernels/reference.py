@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import torch
 
-from ..format import expand_int8
 from ..quant.act import epilogue
 
 
@@ -19,12 +18,13 @@ def int32_accumulate(x8: torch.Tensor, w8: torch.Tensor) -> torch.Tensor:
 
 class ReferenceKernel:
     name = "reference"
+    formats = ("dgq", "w8a8")
 
     def refuse(self, layer, x: torch.Tensor) -> str | None:
         return None  # runs everywhere, slowly
 
     def gemm(self, layer, x8: torch.Tensor, s_x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        w8 = expand_int8(layer.qweight, layer.zeros, layer.scales, layer.group_size)
+        w8 = layer.int8_weight()
         acc = int32_accumulate(x8, w8)
         return epilogue(acc, s_x, layer.channel_scale, layer.bias, dtype)
 

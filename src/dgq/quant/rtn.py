@@ -35,7 +35,7 @@ def pack_from_scales(
     w: torch.Tensor, channel_scale: torch.Tensor, s_int: torch.Tensor, wmin: torch.Tensor, group_size: int
 ) -> QuantizedWeight:
     """Zero points from the executed step ``s_ch * s_int`` and the group minimum; codes in the int8-safe range."""
-    s_int = s_int.clamp(1, fmt.INT8_MAX).to(torch.int8)
+    s_int = torch.nan_to_num(s_int, nan=1.0).clamp(1, fmt.INT8_MAX).to(torch.int8)
     step = channel_scale.float()[:, None] * s_int.float()
     zeros = torch.round(-wmin / step).clamp(0, fmt.CODE_MAX).to(torch.int8)
     codes = fmt.quantize_codes(w, channel_scale, s_int, zeros, group_size)
@@ -47,7 +47,8 @@ def rtn_quantize(w: torch.Tensor, group_size: int, rounding: str = "round") -> Q
     wmin, wmax = group_minmax(w, group_size)
     s_group = (wmax - wmin) / fmt.CODE_MAX
     absmax = w.float().abs().amax(-1)
-    s_ch = torch.where(absmax > 0, absmax / fmt.INT8_MAX, torch.ones_like(absmax))
+    s_ch = absmax / fmt.INT8_MAX
+    s_ch = torch.where(s_ch > 0, s_ch, torch.ones_like(s_ch))  # all-zero rows, and denormal ones whose /127 underflows
     ratio = s_group / s_ch[:, None]
     s_int = torch.ceil(ratio) if rounding == "ceil" else torch.round(ratio)
     return pack_from_scales(w, s_ch, s_int.clamp_min(1), wmin, group_size)

@@ -40,3 +40,9 @@ def scale_input_columns(weight: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
 def scale_output_rows(t: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
     """Source linear rows (weight ``[N, K]`` or bias ``[N]``) divided by ``f``."""
     return (t.float() / (f[:, None] if t.ndim == 2 else f)).to(t.dtype)
+
+
+def smoothquant_factors(act_absmax: torch.Tensor, weights: list[torch.Tensor], alpha: float = 0.5) -> torch.Tensor:
+    """SmoothQuant's ``s_j = max|X_j|^α / max_i|W_ij|^(1-α)`` (max over all consumers' rows), clamped at 1e-5."""
+    wmax = torch.stack([w.float().abs().amax(0) for w in weights]).amax(0).clamp_min(1e-5)
+    return (act_absmax.float().clamp_min(1e-5).pow(alpha) / wmax.pow(1 - alpha)).clamp_min(1e-5)

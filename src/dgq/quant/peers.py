@@ -1,0 +1,92 @@
+"""The peer formats' quantizers as pure functions of tensors: the standard asymmetric group-wise 4-bit format
+(GPTQ/AWQ/RTN W4A16: float16 group scales, integer zero points) and per-channel symmetric int8 (W8A8).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .. import format as fmt
+
+QMAX4 = 15
+
+
+@dataclass
+class W4Weight:
+    """Standard W4 (asymmetric, group-wise): ``W_hat = scale * (q - zero)``, scale float16 ``[N, G]``."""
+
+    qweight: torch.Tensor  # uint8 [N, K/2], low nibble first (the same packing as DGQ)
+    scales: torch.Tensor  # float16 [N, G]
+    zeros: torch.Tensor  # uint8 [N, G], 0..15
+    group_size: int
+
+    def dequantize(self, dtype=torch.float32) -> torch.Tensor:
+        return w4_dequantize(self.qweight, self.scales, self.zeros, self.group_size, dtype)
+
+
+def w4_params(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Min/max scale and zero of each row of ``w [..., g]`` (range widened to include 0, as GPTQ's quantizer).
+
+    The scale is rounded to float16 (what is stored), so codes are chosen against the executed grid."""
+    wmin = w.float().amin(-1).clamp_max(0)
+    wmax = w.float().amax(-1).clamp_min(0)
+    both0 = (wmin == 0) & (wmax == 0)
+    wmin, wmax = torch.where(both0, -1.0, wmin), torch.where(both0, 1.0, wmax)
+    scale = ((wmax - wmin) / QMAX4).half().float().clamp_min(torch.finfo(torch.float16).tiny)
+    zero = torch.round(-wmin / scale).clamp(0, QMAX4)
+    return scale, zero
+
+
+def w4_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """Codes of ``w [..., g]`` on the grid (scale, zero) broadcast over the last dim, clamped to 0..15."""
+    return torch.clamp(torch.round(w.float() / scale[..., None]) + zero[..., None], 0, QMAX4)
+
+
+def w4_pack(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int) -> W4Weight:
+    n = codes.shape[0]
+    return W4Weight(fmt.pack_uint4(codes.reshape(n, -1)), scale.half().contiguous(), zero.to(torch.uint8).contiguous(),
+                    group_size)
+
+
+def w4_rtn(w: torch.Tensor, group_size: int) -> W4Weight:
+    """Round-to-nearest W4 with min/max group parameters."""
+    n, k = w.shape
+    wg = w.float().view(n, k // group_size, group_size)
+    scale, zero = w4_params(wg)
+    return w4_pack(w4_codes(wg, scale, zero), scale, zero, group_size)
+
+
+def w4_dequantize(qweight, scales, zeros, group_size: int, dtype=torch.float32) -> torch.Tensor:
+    q = fmt.unpack_uint4(qweight).float()
+    n, k = q.shape
+    w = (q.view(n, k // group_size, group_size) - zeros.float()[..., None]) * scales.float()[..., None]
+    return w.view(n, k).to(dtype)
+
+
+def w4_fake(w: torch.Tensor, group_size: int) -> torch.Tensor:
+    """``dequantize(w4_rtn(w))`` without packing (for searches)."""
+    n, k = w.shape
+    wg = w.float().view(n, k // group_size, group_size)
+    scale, zero = w4_params(wg)
+    return ((w4_codes(wg, scale, zero) - zero[..., None]) * scale[..., None]).view(n, k)
+
+
+@dataclass
+class W8Weight:
+    """Per-output-channel symmetric int8: ``W_hat = scale[n] * w8``, w8 in -127..127."""
+
+    weight: torch.Tensor  # int8 [N, K]
+    scale: torch.Tensor  # float32 [N]
+
+    def dequantize(self, dtype=torch.float32) -> torch.Tensor:
+        return (self.weight.float() * self.scale[:, None]).to(dtype)
+
+
+def w8_rtn(w: torch.Tensor) -> W8Weight:
+    absmax = w.float().abs().amax(-1)
+    scale = absmax / fmt.INT8_MAX
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # zero rows, and denormal rows that underflow
+    w8 = torch.round(w.float() / scale[:, None]).clamp(-fmt.INT8_MAX, fmt.INT8_MAX).to(torch.int8)
+    return W8Weight(w8, scale.float().contiguous())
