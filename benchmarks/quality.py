@@ -53,6 +53,7 @@ ROWS = {
     "dgq-w4a16": DGQConfig(method="dgq", group_size=G, weights_only=True, smooth=False),
     "dgq-gptq": DGQConfig(method="dgq-gptq", group_size=G),
     "dgq-gptq-w4a16": DGQConfig(method="dgq-gptq", group_size=G, weights_only=True),
+    "dgq-gptq-act-order": DGQConfig(method="dgq-gptq", group_size=G, act_order=True),
 }
 
 
