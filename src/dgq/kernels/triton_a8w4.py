@@ -46,6 +46,17 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # kernels
 # ----------------------------------------------------------------------------------------------------------------
 @triton.jit
+def _grouped_tile(pid, M, N, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):
+    """Grouped tile order (GROUP_M row-tiles share the column sweep, for L2 reuse): program id -> (pid_m, pid_n)."""
+    num_pid_m = tl.cdiv(M, BM)
+    num_pid_n = tl.cdiv(N, BN)
+    num_pid_in_group = GROUP_M * num_pid_n
+    first_pid_m = (pid // num_pid_in_group) * GROUP_M
+    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
+    return first_pid_m + ((pid % num_pid_in_group) % group_size_m), (pid % num_pid_in_group) // group_size_m
+
+
+@triton.jit
 def _quant_kernel(x_ptr, x8_ptr, s_ptr, scale_ptr, rs_ptr, K, stride_xm,
                   BLOCK: tl.constexpr, STATIC: tl.constexpr, PERMUTE: tl.constexpr, ROWSUM: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
@@ -104,14 +115,7 @@ def _a8w4_kernel(x_ptr, q_ptr, meta_ptr, sx_ptr, sch_ptr, b_ptr, y_ptr, ws_ptr, 
     RUN: tl.constexpr = GROUP // 2  # tile columns (bytes) per group when NG > 1
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
-    num_pid_m = tl.cdiv(M, BM)
-    num_pid_n = tl.cdiv(N, BN)
-    num_pid_in_group = GROUP_M * num_pid_n
-    group_id = pid // num_pid_in_group
-    first_pid_m = group_id * GROUP_M
-    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-    pid_n = (pid % num_pid_in_group) // group_size_m
+    pid_m, pid_n = _grouped_tile(pid, M, N, BM, BN, GROUP_M)
 
     offs_m = pid_m * BM + tl.arange(0, BM)
     offs_n = pid_n * BN + tl.arange(0, BN)
@@ -197,14 +201,7 @@ def _dgq_kernel(x_ptr, rs_ptr, q_ptr, meta_ptr, sx_ptr, sch_ptr, b_ptr, y_ptr, w
     RPG: tl.constexpr = GROUP // 64  # rowsum entries per group
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
-    num_pid_m = tl.cdiv(M, BM)
-    num_pid_n = tl.cdiv(N, BN)
-    num_pid_in_group = GROUP_M * num_pid_n
-    group_id = pid // num_pid_in_group
-    first_pid_m = group_id * GROUP_M
-    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-    pid_n = (pid % num_pid_in_group) // group_size_m
+    pid_m, pid_n = _grouped_tile(pid, M, N, BM, BN, GROUP_M)
 
     offs_m = pid_m * BM + tl.arange(0, BM)
     offs_n = pid_n * BN + tl.arange(0, BN)
@@ -377,14 +374,7 @@ def _v3_kernel(x_ptr, qw_ptr, sc_ptr, sx_ptr, sch_ptr, b_ptr, y_ptr, ws_ptr, cnt
     GSZ = (K // GROUP) * N
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
-    num_pid_m = tl.cdiv(M, BM)
-    num_pid_n = tl.cdiv(N, BN)
-    num_pid_in_group = GROUP_M * num_pid_n
-    group_id = pid // num_pid_in_group
-    first_pid_m = group_id * GROUP_M
-    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-    pid_n = (pid % num_pid_in_group) // group_size_m
+    pid_m, pid_n = _grouped_tile(pid, M, N, BM, BN, GROUP_M)
 
     offs_m = pid_m * BM + tl.arange(0, BM)
     offs_n = pid_n * BN + tl.arange(0, BN)
