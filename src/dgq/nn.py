@@ -20,6 +20,15 @@ class QuantLinear(nn.Module):
     out_features: int
     act_mode: str
 
+    def _finish_init(self, bias: bool, bias_dtype: torch.dtype, device) -> None:
+        """The optional bias buffer, the (never saved) kernel cache and the name every format has."""
+        if bias:
+            self.register_buffer("bias", torch.zeros(self.out_features, dtype=bias_dtype, device=device))
+        else:
+            self.bias = None
+        self.kernel_cache: dict = {}
+        self.name = ""
+
     def _apply(self, fn, recurse=True):  # moving the module invalidates derived weights
         self.kernel_cache = {}
         return super()._apply(fn, recurse)
@@ -136,12 +145,7 @@ class W4A16Linear(QuantLinear):
         self.register_buffer("qweight", torch.zeros(n, k // 2, dtype=torch.uint8, device=device))
         self.register_buffer("scales", torch.ones(n, k // g, dtype=torch.float16, device=device))
         self.register_buffer("zeros", torch.zeros(n, k // g, dtype=torch.uint8, device=device))
-        if bias:
-            self.register_buffer("bias", torch.zeros(n, dtype=bias_dtype, device=device))
-        else:
-            self.bias = None
-        self.kernel_cache: dict = {}
-        self.name = ""
+        self._finish_init(bias, bias_dtype, device)
 
     @classmethod
     def from_weight(cls, qw, bias: torch.Tensor | None = None, name: str = "") -> W4A16Linear:
@@ -179,12 +183,7 @@ class W8A8Linear(QuantLinear):
         self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
         self.register_buffer("channel_scale", torch.ones(out_features, dtype=torch.float32, device=device))
         self.register_buffer("act_scale", torch.zeros((), dtype=torch.float32, device=device))
-        if bias:
-            self.register_buffer("bias", torch.zeros(out_features, dtype=bias_dtype, device=device))
-        else:
-            self.bias = None
-        self.kernel_cache: dict = {}
-        self.name = ""
+        self._finish_init(bias, bias_dtype, device)
 
     @classmethod
     def from_weight(cls, qw, bias: torch.Tensor | None = None, act_mode: str = "dynamic",
