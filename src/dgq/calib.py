@@ -54,18 +54,20 @@ class LinearStats:
                 self._h = hessian(self.x())
         return self._h
 
-    def add_full(self, x: torch.Tensor) -> None:
+    def add_full(self, x: torch.Tensor, token: bool = False) -> None:
+        """Accumulate ``xᵀx`` (and, with ``token``, the token-weighted ``x̂ᵀx̂``) over these tokens."""
         xd = x.double()
-        xn = xd / xd.norm(dim=1, keepdim=True).clamp_min(1e-12)
         self.h_sum = xd.T @ xd if self.h_sum is None else self.h_sum.add_(xd.T @ xd)
-        self.h_tok = xn.T @ xn if self.h_tok is None else self.h_tok.add_(xn.T @ xn)
+        if token:
+            xn = xd / xd.norm(dim=1, keepdim=True).clamp_min(1e-12)
+            self.h_tok = xn.T @ xn if self.h_tok is None else self.h_tok.add_(xn.T @ xn)
         self.h_count += x.shape[0]
 
     def token_hessian(self) -> torch.Tensor:
         """``Σ x̂ᵀx̂ / T`` with every token scaled to unit norm, so the objective is the mean *relative* output error
         per token: a few massive-activation tokens (attention sinks) no longer dominate it. Needs ``full_hessian``."""
         if self.h_tok is None:
-            raise DGQError("token-weighted Hessian was not collected (full_hessian=False)")
+            raise DGQError("token-weighted Hessian was not collected (collect_stats(token_hessian=True))")
         return (self.h_tok / max(1, self.h_count)).float()
 
     def absmax(self) -> torch.Tensor:
@@ -144,7 +146,7 @@ def run_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict, device) -> t
 
 @torch.no_grad()
 def collect_stats(block: nn.Module, names: list[str], hidden: torch.Tensor, kwargs: dict, tokens_per_window: int,
-                  seed: int, block_index: int, device, full_hessian: bool = False
+                  seed: int, block_index: int, device, full_hessian: bool = False, token_hessian: bool = False
                   ) -> tuple[dict[str, LinearStats], torch.Tensor]:
     """Float pass over the block: per-linear input statistics (with ``full_hessian``, also ``Σ xᵀx`` over every
     token, in float64), and the block's float outputs."""
@@ -169,7 +171,7 @@ def collect_stats(block: nn.Module, names: list[str], hidden: torch.Tensor, kwar
             stats[name].window_absmax.append(x.abs().amax(0))
             stats[name].samples.append(x[idx_holder["idx"]].clone())
             if full_hessian:
-                stats[name].add_full(x)
+                stats[name].add_full(x, token=token_hessian)
         return hook
 
     hooks = [block.get_submodule(n).register_forward_pre_hook(hook_for(n)) for n in names]
@@ -290,6 +292,15 @@ def smoothing_for(spec: Smooth, block: nn.Module, stats: dict, config) -> tuple[
     return None, {}
 
 
+def _install(block: nn.Module, made: dict, j: int) -> dict:
+    """Swap in alternative ``j`` of every made layer (a single layer is its own every alternative)."""
+    chosen = {n: (layer[j] if isinstance(layer, tuple) else layer).to(dev) for n, (_, dev, layer) in made.items()}
+    for n, layer in chosen.items():
+        parent, _, child = n.rpartition(".")
+        setattr(block.get_submodule(parent) if parent else block, child, layer)
+    return chosen
+
+
 def calibrate(model: nn.Module, arch: Arch, targets: dict, calib: torch.Tensor, config, make_layer,
               progress: bool = True) -> dict:
     """Block-by-block calibration; ``make_layer(linear, name, stats)`` returns the quantized module
@@ -310,7 +321,8 @@ def calibrate(model: nn.Module, arch: Arch, targets: dict, calib: torch.Tensor, 
         prefix = f"{arch.blocks}.{i}."
         names = [n[len(prefix):] for n in targets if n.startswith(prefix)]
         stats, fp_out = collect_stats(block, names, hidden, kwargs[i], tokens_per_window, config.seed, i, device,
-                                      full_hessian=config.method in FULL_HESSIAN)
+                                      full_hessian=config.method in FULL_HESSIAN,
+                                      token_hessian=config.method == "dgq-gptq" and config.token_weighted)
         entry = {"block": i, "smoothed": {}, "linears": {}}
         if config.smooth:
             for spec in arch.smooth:
@@ -346,25 +358,22 @@ def calibrate(model: nn.Module, arch: Arch, targets: dict, calib: torch.Tensor, 
         # make_layer may give alternatives (a tuple, the same count for every linear): each is run on the
         # calibration windows and the block keeps the one with the lowest block output error
         n_alt = max((len(m[2]) for m in made.values() if isinstance(m[2], tuple)), default=0)
+
         alt_errors, best = [], None
         for j in range(max(1, n_alt)):
-            for n, (_, dev, layer) in made.items():
-                chosen = layer[j] if isinstance(layer, tuple) else layer
-                parent, _, child = n.rpartition(".")
-                setattr(block.get_submodule(parent) if parent else block, child, chosen.to(dev))
+            chosen = _install(block, made, j)
             q_out = run_block(block, hidden, kwargs[i], device)
             if not torch.isfinite(q_out).all():
                 raise DGQError(f"NaN/Inf in the outputs of quantized block {i}")
             err = token_relative_error(q_out, fp_out)
             alt_errors.append(round(err, 6))
             if best is None or err < best[0]:
-                best = (err, j, q_out)
-        _, j_best, q_out = best
-        for n, (w_float, dev, layer) in made.items():
-            chosen = layer[j_best] if isinstance(layer, tuple) else layer
-            parent, _, child = n.rpartition(".")
-            setattr(block.get_submodule(parent) if parent else block, child, chosen.to(dev))
-            entry["linears"][n] = relative_errors(w_float, chosen, stats[n].x()[::4])
+                best = (err, j, q_out, chosen)
+        _, j_best, q_out, chosen = best
+        if j_best != max(1, n_alt) - 1:  # the last alternative run is installed; put the best one back
+            _install(block, made, j_best)
+        for n, (w_float, _, _) in made.items():
+            entry["linears"][n] = relative_errors(w_float, chosen[n], stats[n].x()[::4])
         if n_alt:
             entry["alternatives"] = {"token_rel_error": alt_errors, "chosen": j_best}
         del stats, made
