@@ -6,6 +6,8 @@ Prefill: one forward over 1x2048 and 8x512 tokens (no cache), median of timed ru
 Decode: batch 1 and 16, a static KV cache (transformers StaticCache) after a 128-token prompt; one decode step
 (forward + greedy pick) is captured in a CUDA graph and replayed STEPS times (falls back to eager steps, and says so
 in the JSON, if capture fails) -> tokens/s = batch * steps / time. Memory: torch.cuda.max_memory_allocated per phase.
+DGQ runs twice: each linear alone (``dgq_a8w4``), then with sibling fusion (``dgq_a8w4_fused``: q/k/v and gate/up
+as one GEMM each, the input quantized once, ``dgq.fuse_siblings``; the default of ``dgq.load``).
 ``--layers N`` builds fewer decoder layers (the JSON says so); ``--smoke``: a tiny config on whatever device.
 """
 
@@ -177,7 +179,14 @@ def main():
     mem_dgq = torch.cuda.memory_allocated() / 2**30 if dev == "cuda" else None
     dgq = run_all(model, cfg, dev, args, "dgq")
     dgq["weights_GiB"] = mem_dgq
+    from dgq.fuse import fuse_siblings
+
+    n_groups = sum(why is None for _, why in fuse_siblings(model))
+    fused = run_all(model, cfg, dev, args, "dgq fused")
+    fused["weights_GiB"] = torch.cuda.memory_allocated() / 2**30 if dev == "cuda" else None
+    fused["fused_groups"] = n_groups
     ratios = {k: dgq[k]["tokens_per_s"] / bf16[k]["tokens_per_s"] for k in bf16 if isinstance(bf16[k], dict)}
+    ratios_fused = {k: fused[k]["tokens_per_s"] / bf16[k]["tokens_per_s"] for k in bf16 if isinstance(bf16[k], dict)}
     import transformers
     import triton
 
@@ -189,7 +198,8 @@ def main():
                dgq=f"A8W4 group {args.group}, dynamic per-token activations, every q,k,v,o,gate,up,down",
                decode_method="StaticCache, 1 step captured in a CUDA graph (forward + argmax), replayed; "
                              f"{args.steps} steps after a {args.prompt}-token prompt",
-               smoke=args.smoke, bf16=bf16, dgq_a8w4=dgq, speedup=ratios, seconds=time.time() - t0)
+               smoke=args.smoke, bf16=bf16, dgq_a8w4=dgq, dgq_a8w4_fused=fused, speedup=ratios,
+               speedup_fused=ratios_fused, seconds=time.time() - t0)
     try:
         from dgq.kernels import triton_a8w4 as T
 
@@ -201,12 +211,14 @@ def main():
     with open(os.path.join(args.out, "gpu_e2e.json"), "w") as f:
         json.dump(out, f, indent=1)
     print(f"\nend to end on {out['card']} ({args.layers} layers)")
-    print(f"{'':16}{'bf16 tok/s':>12}{'dgq tok/s':>12}{'speedup':>9}")
+    print(f"{'':16}{'bf16 tok/s':>12}{'dgq tok/s':>12}{'speedup':>9}{'fused tok/s':>13}{'speedup':>9}")
     for k, r in ratios.items():
-        print(f"{k:16}{bf16[k]['tokens_per_s']:12.1f}{dgq[k]['tokens_per_s']:12.1f}{r:9.2f}x")
+        print(f"{k:16}{bf16[k]['tokens_per_s']:12.1f}{dgq[k]['tokens_per_s']:12.1f}{r:9.2f}x"
+              f"{fused[k]['tokens_per_s']:13.1f}{ratios_fused[k]:9.2f}x")
     if dev == "cuda":
         print(f"max allocated GiB: bf16 {bf16['max_memory_allocated_GiB']:.2f}  "
-              f"dgq {dgq['max_memory_allocated_GiB']:.2f}  (weights+buffers {mem_model:.2f} vs {mem_dgq:.2f})")
+              f"dgq {dgq['max_memory_allocated_GiB']:.2f}  fused {fused['max_memory_allocated_GiB']:.2f}  "
+              f"(weights+buffers {mem_model:.2f} vs {mem_dgq:.2f} vs {fused['weights_GiB']:.2f})")
 
 
 if __name__ == "__main__":

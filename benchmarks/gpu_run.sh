@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One GPU run for issue 4: GEMM benchmark, end-to-end benchmark, compiled-kernel tests, summary (<= 400 s in all;
+# One GPU run for issue 4: GEMM benchmark, end-to-end benchmark, compiled-kernel tests, summary (<= 440 s in all;
 # every step has a hard timeout). Usage (device machine, repo root): bash benchmarks/gpu_run.sh
 # Writes into $OUT (default benchmarks/results): gpu_gemm.json/.png, gpu_e2e.json, gpu_tests.txt/.jsonl,
 # gpu_summary.json, gpu_run_log.txt. The short table printed last comes from benchmarks/gpu_summary.py.
@@ -19,8 +19,8 @@ el() { echo "$(( $(date +%s) - T0 ))s"; }
   echo "== gemm (cap 200 s)"
   timeout -k 5 200 python3 benchmarks/gpu_gemm.py --out "$OUT" --budget 150 --tuned "$DGQ_TRITON_TUNED"
   echo "gemm rc=$? at $(el)"
-  echo "== e2e (cap 50 s)"
-  timeout -k 5 50 python3 benchmarks/gpu_e2e.py --out "$OUT"
+  echo "== e2e (cap 90 s)"
+  timeout -k 5 90 python3 benchmarks/gpu_e2e.py --out "$OUT"
   echo "e2e rc=$? at $(el)"
   echo "== tests on the GPU, compiled kernels (v3/GEMV first, cap 55 s; then the rest, cap 60 s)"
   SEL="v3_and_gemv or byte_simd"

@@ -62,8 +62,12 @@ def main():
     else:
         print("GEMM: no gpu_gemm.json")
     if e2e:
-        summ["e2e"] = {"speedup": e2e.get("speedup"), "bf16": e2e.get("bf16"), "dgq": e2e.get("dgq_a8w4")}
+        summ["e2e"] = {"speedup": e2e.get("speedup"), "speedup_fused": e2e.get("speedup_fused"),
+                       "bf16": e2e.get("bf16"), "dgq": e2e.get("dgq_a8w4"), "dgq_fused": e2e.get("dgq_a8w4_fused")}
         print("E2E (dgq / bf16 tokens/s): " + ", ".join(f"{k} {v:.2f}x" for k, v in e2e["speedup"].items()))
+        if e2e.get("speedup_fused"):
+            print("E2E fused siblings (dgq / bf16): "
+                  + ", ".join(f"{k} {v:.2f}x" for k, v in e2e["speedup_fused"].items()))
         b, d = e2e.get("bf16", {}), e2e.get("dgq_a8w4", {})
         if "max_memory_allocated_GiB" in b:
             print(f"E2E max allocated GiB: bf16 {b['max_memory_allocated_GiB']:.2f}, dgq "

@@ -8,9 +8,9 @@ from .checkpoint import load, save  # noqa: E402
 from .errors import DGQError  # noqa: E402
 from .eval.perplexity import perplexity  # noqa: E402
 from .eval.tasks import evaluate_tasks  # noqa: E402
+from .fuse import fuse_siblings, unfuse  # noqa: E402
 from .models import load_model  # noqa: E402
 from .nn import DGQLinear  # noqa: E402
 
-__all__ = ["DGQConfig", "DGQError", "DGQLinear", "evaluate_tasks", "load", "load_model", "perplexity", "quantize",
-           "save",
-           "__version__"]
+__all__ = ["DGQConfig", "DGQError", "DGQLinear", "evaluate_tasks", "fuse_siblings", "load", "load_model",
+           "perplexity", "quantize", "save", "unfuse", "__version__"]

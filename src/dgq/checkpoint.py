@@ -27,7 +27,13 @@ def _state(model: nn.Module) -> dict[str, torch.Tensor]:
     """Parameters (tied ones once) and all buffers, non-persistent ones too (e.g. rotary tables)."""
     state = {n: p.detach() for n, p in model.named_parameters()}
     state.update({n: b.detach() for n, b in model.named_buffers()})
-    return {n: t.contiguous().cpu() for n, t in state.items()}
+    return {n: _own(t.contiguous().cpu()) for n, t in state.items()}
+
+
+def _own(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with storage of its own: fused siblings' buffers are slices of one tensor (dgq.fuse), and
+    safetensors refuses tensors that share memory."""
+    return t if t.untyped_storage().nbytes() == t.numel() * t.element_size() else t.clone()
 
 
 def save(model: nn.Module, path: str | os.PathLike, tokenizer=None, overwrite: bool = False) -> Path:
@@ -87,8 +93,12 @@ def read_quantization_config(path: Path) -> tuple[dict, dict]:
     return cfg, q
 
 
-def load(path: str | os.PathLike, device: str = "cpu") -> nn.Module:
-    """Load a dgq checkpoint as a runnable transformers model with ``DGQLinear`` modules."""
+def load(path: str | os.PathLike, device: str = "cpu", fuse: bool = True) -> nn.Module:
+    """Load a dgq checkpoint as a runnable transformers model with ``DGQLinear`` modules.
+
+    ``fuse``: run the linears that share an input (q/k/v, gate/up) as one GEMM each (:func:`dgq.fuse_siblings`;
+    same outputs, fewer launches, no extra memory).
+    """
     from transformers import AutoConfig, AutoModelForCausalLM
 
     path = Path(path).expanduser()
@@ -158,7 +168,12 @@ def load(path: str | os.PathLike, device: str = "cpu") -> nn.Module:
         elif isinstance(m, W4A16Linear) and int(m.zeros.max()) > fmt.CODE_MAX:
             raise DGQError(f"{path}: {name} has zero points outside 0..15; corrupt checkpoint")
     model.dgq_config = q
-    return model.to(device).eval()
+    model = model.to(device).eval()
+    if fuse:
+        from .fuse import fuse_siblings
+
+        fuse_siblings(model)
+    return model
 
 
 def _state_shapes(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -29,13 +29,25 @@ class QuantLinear(nn.Module):
         self.kernel_cache: dict = {}
         self.name = ""
 
-    def _apply(self, fn, recurse=True):  # moving the module invalidates derived weights
+    def _invalidate(self) -> None:
         self.kernel_cache = {}
+        group = self.__dict__.get("siblings")
+        if group is not None:
+            group.invalidate()
+
+    def _apply(self, fn, recurse=True):  # moving the module invalidates derived weights
+        self._invalidate()
         return super()._apply(fn, recurse)
 
+    def _load_from_state_dict(self, *args, **kwargs):  # new values invalidate derived weights too
+        self._invalidate()
+        return super()._load_from_state_dict(*args, **kwargs)
+
     def describe(self) -> str:
+        group = self.__dict__.get("siblings")
+        fused = "" if group is None else f", fused with {len(group.members) - 1} sibling(s)"
         return (f"{type(self).__name__} {self.name or ''}[{self.out_features}x{self.in_features}, "
-                f"g={getattr(self, 'group_size', '-')}, act={self.act_mode}]").replace(" [", "[")
+                f"g={getattr(self, 'group_size', '-')}, act={self.act_mode}{fused}]").replace(" [", "[")
 
     def quantize_input(self, x2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """int8 activations and their per-row scales, by this layer's activation mode."""
@@ -49,6 +61,9 @@ class QuantLinear(nn.Module):
         return select(self, x.reshape(-1, self.in_features))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        group = self.__dict__.get("siblings")
+        if group is not None:  # one GEMM for all the linears reading x (dgq.fuse)
+            return group(self, x)
         x2d = x.reshape(-1, self.in_features)
         y = self.kernel_for(x2d).forward(self, x2d)
         return y.reshape(*x.shape[:-1], self.out_features)
