@@ -417,9 +417,12 @@ def _v3_kernel(x_ptr, qw_ptr, sc_ptr, sx_ptr, sch_ptr, b_ptr, y_ptr, ws_ptr, cnt
 def _gemv_kernel(x_ptr, qw_ptr, sc_ptr, sx_ptr, sch_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
                  M, N, K, stride_xw, stride_qw, stride_ym,
                  GROUP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                 SPLIT_K: tl.constexpr, ASM: tl.constexpr, HAS_BIAS: tl.constexpr, OUT_INT32: tl.constexpr):
+                 SPLIT_K: tl.constexpr, ASM: tl.constexpr, HAS_BIAS: tl.constexpr, OUT_INT32: tl.constexpr,
+                 STAGES: tl.constexpr):
     """Decode GEMV without ``tl.dot``: 4-bit words streamed, byte-SIMD expansion, ``dp4a`` on int32 words
-    (4 MACs per instruction) into a ``[BM, BN, BK/8]`` int32 accumulator, reduced once at the end; split-K."""
+    (4 MACs per instruction) into a ``[BM, BN, BK/8]`` int32 accumulator, reduced once at the end; split-K.
+    ``STAGES > 1`` software-pipelines the K loop (cp.async prefetch of the next ``STAGES - 1`` steps into shared
+    memory), for the no-split full-K configs: latency hidden by prefetch instead of by atomics over splits."""
     QW: tl.constexpr = BK // 8
     NG: tl.constexpr = BK // GROUP if BK > GROUP else 1
     RUN: tl.constexpr = GROUP // 8
@@ -444,7 +447,7 @@ def _gemv_kernel(x_ptr, qw_ptr, sc_ptr, sx_ptr, sch_ptr, b_ptr, y_ptr, ws_ptr, c
     kt0 = pid_k * per
     kt1 = tl.minimum(kt0 + per, n_kt)
     acc3 = tl.zeros([BM, BN, QW], dtype=tl.int32)
-    for kt in range(kt0, kt1):
+    for kt in tl.range(kt0, kt1, num_stages=STAGES):
         w = tl.load(q_ptrs + kt * QW)
         xl = tl.load(x_ptrs + kt * (2 * QW))
         xh = tl.load(x_ptrs + (kt * (2 * QW) + 16))
@@ -539,8 +542,14 @@ def _gemv_configs(m: int, n: int, k: int, sms: int) -> list[Config]:
         return []
     shapes = {1: [(64, 256), (32, 512), (128, 128)], 2: [(64, 256), (32, 256)], 4: [(32, 256), (64, 128)],
               8: [(16, 256), (32, 128)], 16: [(16, 128), (8, 256)]}[bm]
-    return [_with_split(Config(bm, bn, bk, GEMV=True, ASM=True, num_warps=4, num_stages=1), m, n, k, sms, 8)
-            for bn, bk in shapes]
+    cs = [_with_split(Config(bm, bn, bk, GEMV=True, ASM=True, num_warps=4, num_stages=1), m, n, k, sms, 8)
+          for bn, bk in shapes]
+    # no split-K, the loop software-pipelined (3 stages): no atomics, no workspace; few rows per program so that
+    # N/BN programs fill the GPU (compiled for sm_90 with triton 3.6: 56 registers, 5 KB shared memory at 8x512;
+    # not yet timed on a GPU - the tuner keeps them only if they win)
+    piped = {1: [(8, 512), (16, 256), (8, 256)], 2: [(8, 256)], 4: [(8, 256)], 8: [(8, 128)], 16: [(8, 128)]}[bm]
+    cs += [Config(bm, bn, bk, GEMV=True, ASM=True, num_warps=4, num_stages=3) for bn, bk in piped]
+    return cs
 
 
 def candidates(m: int, n: int, k: int, g: int, sms: int = 132, v1: bool = True, v3: bool = True) -> list[Config]:
@@ -691,7 +700,8 @@ def _launch(x8p, rs, s_x, qweight, meta, sc, channel_scale, bias, group_size, ou
             _gemv_kernel[(tiles, cfg.SPLIT_K)](
                 xw, qw, sc, s_x, channel_scale, b, out, ws, cnt,
                 m, n, k, xw.stride(0), qw.stride(0), out.stride(0),
-                GROUP=group_size, BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, SPLIT_K=cfg.SPLIT_K, ASM=asm, **common,
+                GROUP=group_size, BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, SPLIT_K=cfg.SPLIT_K, ASM=asm,
+                STAGES=cfg.num_stages, **common,
             )
         else:
             _v3_kernel[(tiles, cfg.SPLIT_K)](
