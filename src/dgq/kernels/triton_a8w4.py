@@ -545,8 +545,8 @@ def _gemv_configs(m: int, n: int, k: int, sms: int) -> list[Config]:
     cs = [_with_split(Config(bm, bn, bk, GEMV=True, ASM=True, num_warps=4, num_stages=1), m, n, k, sms, 8)
           for bn, bk in shapes]
     # no split-K, the loop software-pipelined (3 stages): no atomics, no workspace; few rows per program so that
-    # N/BN programs fill the GPU (compiled for sm_90 with triton 3.6: 56 registers, 5 KB shared memory at 8x512;
-    # not yet timed on a GPU - the tuner keeps them only if they win)
+    # N/BN programs fill the GPU (compiled for sm_90 with triton 3.6: 32-48 registers, 3-6 KB shared memory, the
+    # weight words prefetched by LDGSTS; not yet timed on a GPU - the tuner keeps them only if they win)
     piped = {1: [(8, 512), (16, 256), (8, 256)], 2: [(8, 256)], 4: [(8, 256)], 8: [(8, 128)], 16: [(8, 128)]}[bm]
     cs += [Config(bm, bn, bk, GEMV=True, ASM=True, num_warps=4, num_stages=3) for bn, bk in piped]
     return cs
