@@ -51,7 +51,8 @@ ROWS = {
     "dgq-dyn-nosearch": dgq_cfg("dynamic", smooth=True, search=False),
     "dgq-static-nosearch": dgq_cfg("static", smooth=True, search=False),
     "dgq-w4a16": DGQConfig(method="dgq", group_size=G, weights_only=True, smooth=False),
-    "dgq-gptq": DGQConfig(method="dgq-gptq", group_size=G),
+    "dgq-gptq": DGQConfig(method="dgq-gptq", group_size=G, act_order=False),  # as committed before act-order
+    # became dgq-gptq's default; "dgq-gptq-act-order" is the default now
     "dgq-gptq-w4a16": DGQConfig(method="dgq-gptq", group_size=G, weights_only=True),
     "dgq-gptq-act-order": DGQConfig(method="dgq-gptq", group_size=G, act_order=True),
 }

@@ -232,3 +232,22 @@ def test_compare_cli_writes_report(tiny_hf_dir, tmp_path, capsys):
     assert "| gptq | W4A16 | 32 |" in md
     assert (out / "ppl_vs_bits.png").stat().st_size > 1000
     assert not (out / "checkpoints").exists()
+
+
+def test_act_order_default_per_method():
+    """act-order is dgq-gptq's default (it lowers its perplexity, README); gptq keeps the published default."""
+    from dgq.cli import build_parser
+    from dgq.compare import parse_methods
+
+    assert DGQConfig(method="dgq-gptq").resolved().act_order is True
+    assert DGQConfig(method="gptq").resolved().act_order is False
+    assert DGQConfig(method="dgq-gptq", act_order=False).resolved().act_order is False
+    assert DGQConfig(method="gptq", act_order=True).resolved().act_order is True
+    with pytest.raises(DGQError, match="act_order"):
+        DGQConfig(act_order="yes").validate()
+    p = build_parser()
+    base = ["quantize", "m", "--out", "o"]
+    assert p.parse_args(base).act_order is None
+    assert p.parse_args(base + ["--no-act-order"]).act_order is False
+    assert p.parse_args(base + ["--act-order"]).act_order is True
+    assert parse_methods("dgq-gptq:act_order=false", {})[0][1].resolved().act_order is False

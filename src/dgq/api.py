@@ -45,7 +45,8 @@ class DGQConfig:
     weight_format: the storage format (``dgq``, ``w4a16``, ``w8a8``); None = the method's: rtn → dgq (A8W4) or
         w4a16 (with ``weights_only``) or w8a8 (``w_bits=8``); smoothquant → w8a8; gptq, awq → w4a16; dgq → dgq.
     alpha: SmoothQuant's migration strength. act_order / damp / block_size: GPTQ's knobs (act-order uses static
-        groups). awq_grid: AWQ's α grid (and clip grid) size. token_weighted: dgq-gptq fits GPTQ to the mean
+        groups; None = the method's default: on for dgq-gptq, which it improves (README), off for gptq, as
+        published). awq_grid: AWQ's α grid (and clip grid) size. token_weighted: dgq-gptq fits GPTQ to the mean
         per-token relative error (every calibration token scaled to unit norm in the Hessian) instead of the plain
         squared error, which a few massive-activation tokens dominate.
     group_size: along K; must divide every quantized layer's input size (-1 = one group per row).
@@ -77,7 +78,7 @@ class DGQConfig:
     w_bits: int = 4
     weight_format: str | None = None
     alpha: float = 0.5
-    act_order: bool = False
+    act_order: bool | None = None
     damp: float = 0.01
     block_size: int = 128
     awq_grid: int = 20
@@ -103,6 +104,8 @@ class DGQConfig:
             raise DGQError(f"{self.method} writes 4-bit weights")
         if not 0.0 <= self.alpha <= 1.0:
             raise DGQError(f"smoothquant alpha must lie in [0, 1], got {self.alpha}")
+        if self.act_order not in (None, True, False):
+            raise DGQError(f"act_order must be true, false or unset, got {self.act_order!r}")
         if not 0.0 < self.damp < 1.0:
             raise DGQError(f"GPTQ damp must lie in (0, 1), got {self.damp}")
         if self.block_size < 1 or self.awq_grid < 1:
@@ -129,7 +132,8 @@ class DGQConfig:
                 smooth = False
             else:
                 smooth = DEFAULT_SMOOTH[self.act_mode]
-        return replace(self, smooth=smooth)
+        act_order = self.act_order if self.act_order is not None else self.method == "dgq-gptq"
+        return replace(self, smooth=smooth, act_order=act_order)
 
     @property
     def storage_format(self) -> str:

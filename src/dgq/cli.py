@@ -39,8 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--w-bits", type=int, default=None, choices=[4, 8],
                    help="weight bits (8: W8A8 per-channel int8; rtn and smoothquant)")
     q.add_argument("--alpha", type=float, default=0.5, help="smoothquant: migration strength (default 0.5)")
-    q.add_argument("--act-order", action="store_true", help="gptq, dgq-gptq: quantize columns by decreasing "
-                                                            "Hessian diagonal (static groups)")
+    q.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=None,
+                   help="gptq, dgq-gptq: quantize columns by decreasing Hessian diagonal (static groups); default: "
+                        "on for dgq-gptq, off for gptq")
     q.add_argument("--group-size", type=int, default=128, help="group size along K; -1 = per-channel (default 128)")
     q.add_argument("--act", default="dynamic", choices=["dynamic", "static"],
                    help="activation quantization: per-token dynamic (default) or static per-tensor")
