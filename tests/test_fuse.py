@@ -153,3 +153,23 @@ def test_formats_and_refusals():
     assert torch.equal(_logits(m, ids), ref)
     assert unfuse(m) == 3 and not any(isinstance(x, QuantLinear) and "siblings" in x.__dict__ for x in m.modules())
     assert torch.equal(_logits(m, ids), ref)
+
+
+def test_load_state_dict_refreshes_cached_weights():
+    """Derived weights (the CPU kernel's cached int8 weight, the fused layer) follow new values loaded in place."""
+    m = _quantized()
+    attn = m.model.layers[0].self_attn
+    x = torch.randn(3, 64)
+    donor = m.model.layers[1].self_attn
+    with torch.no_grad():
+        o_ref = donor.o_proj(x)
+        attn.o_proj(x)  # caches the expanded int8 weight
+        attn.o_proj.load_state_dict(donor.o_proj.state_dict())
+        assert torch.equal(attn.o_proj(x), o_ref)
+        k_ref = donor.k_proj(x)
+        fuse_siblings(m)
+        attn.k_proj(x)
+        attn.k_proj.load_state_dict({n: t.clone() for n, t in donor.k_proj.state_dict().items()})
+        assert torch.equal(attn.k_proj(x), k_ref)
+        assert attn.k_proj.qweight.untyped_storage().data_ptr() == \
+            attn.k_proj.siblings.fused.qweight.untyped_storage().data_ptr()
