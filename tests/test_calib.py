@@ -62,6 +62,15 @@ def test_nan_activation_names_block_and_layer():
         dgq.quantize(m, DGQConfig(method="dgq", group_size=32), calib=torch.randint(0, 256, (2, 16)),
                      progress=False)
 
+    # rtn with static scales collects its scales in one whole-model pass: same check, model left as it was
+    m = make_tiny("llama")
+    with torch.no_grad():
+        m.model.layers[1].post_attention_layernorm.weight[3] = float("inf")
+    with pytest.raises(DGQError, match=r"NaN/Inf in the input activations of model\.layers\.1\.mlp\.(gate|up)_proj"):
+        dgq.quantize(m, DGQConfig(method="rtn", group_size=32, act="static"), calib=torch.randint(0, 256, (2, 16)),
+                     progress=False)
+    assert all(isinstance(mod, torch.nn.Linear) for mod in quantizable_linears(m).values())
+
 
 def test_same_seed_bitwise_identical_checkpoint(tmp_path):
     base = make_tiny("qwen2", hidden_size=128, intermediate_size=256)

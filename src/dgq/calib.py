@@ -14,6 +14,7 @@ pass produces the next block's inputs. Each linear's relative output error is lo
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -145,6 +146,31 @@ def run_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict, device) -> t
 
 
 @torch.no_grad()
+@contextmanager
+def watch_inputs(root: nn.Module, names: list[str], on_input):
+    """Forward pre-hooks on ``root``'s submodules ``names`` calling ``on_input(name, x)`` with each call's first
+    input; removed on exit, also on error."""
+    def hook_for(name):
+        def hook(mod, args):
+            on_input(name, args[0])
+        return hook
+
+    hooks = [root.get_submodule(n).register_forward_pre_hook(hook_for(n)) for n in names]
+    try:
+        yield
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def input_rows(x: torch.Tensor, where: str) -> torch.Tensor:
+    """A linear's input as float32 ``[tokens, K]`` on the CPU; NaN/Inf is a calibration error naming ``where``."""
+    x = x.detach().reshape(-1, x.shape[-1]).float().cpu()
+    if not torch.isfinite(x).all():
+        raise DGQError(f"NaN/Inf in the input activations of {where} during calibration")
+    return x
+
+
 def collect_stats(block: nn.Module, names: list[str], hidden: torch.Tensor, kwargs: dict, tokens_per_window: int,
                   seed: int, block_index: int, device, full_hessian: bool = False, token_hessian: bool = False
                   ) -> tuple[dict[str, LinearStats], torch.Tensor]:
@@ -158,33 +184,24 @@ def collect_stats(block: nn.Module, names: list[str], hidden: torch.Tensor, kwar
     # keeps its id from being reused by a later, different input
     seen: dict[int, tuple[str, torch.Tensor]] = {}
 
-    def hook_for(name):
-        def hook(mod, args):
-            first = seen.setdefault(id(args[0]), (name, args[0]))[0]
-            if first != name:
-                stats[name] = stats[first]
-                return
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).float().cpu()
-            if not torch.isfinite(x).all():
-                raise DGQError(f"NaN/Inf in the input activations of block {block_index} layer {name} during "
-                               f"calibration")
-            stats[name].window_absmax.append(x.abs().amax(0))
-            stats[name].samples.append(x[idx_holder["idx"]].clone())
-            if full_hessian:
-                stats[name].add_full(x, token=token_hessian)
-        return hook
+    def on_input(name, x):
+        first = seen.setdefault(id(x), (name, x))[0]
+        if first != name:
+            stats[name] = stats[first]
+            return
+        x = input_rows(x, f"block {block_index} layer {name}")
+        stats[name].window_absmax.append(x.abs().amax(0))
+        stats[name].samples.append(x[idx_holder["idx"]].clone())
+        if full_hessian:
+            stats[name].add_full(x, token=token_hessian)
 
-    hooks = [block.get_submodule(n).register_forward_pre_hook(hook_for(n)) for n in names]
     outs = []
-    try:
+    with watch_inputs(block, names, on_input):
         for h in hidden:
             idx_holder["idx"] = torch.randperm(seqlen, generator=gen)[:tokens_per_window].sort().values
             seen.clear()
             o = block(h[None].to(device), **kwargs)
             outs.append((o[0] if isinstance(o, tuple) else o).detach().cpu())
-    finally:
-        for hk in hooks:
-            hk.remove()
     out = torch.cat(outs)
     if not torch.isfinite(out).all():
         raise DGQError(f"NaN/Inf in the outputs of block {block_index} during calibration")
@@ -393,19 +410,10 @@ def static_act_scales(model: nn.Module, calib: torch.Tensor, names: list[str], p
     """Static per-tensor scales for ``rtn`` (no block-by-block pass): one float forward per window with hooks."""
     stats = {n: LinearStats() for n in names}
 
-    def make_hook(name):
-        def hook(mod, args):
-            x = args[0].detach()
-            if not torch.isfinite(x).all():
-                raise DGQError(f"NaN/Inf in the input activations of {name} during calibration")
-            stats[name].window_absmax.append(x.reshape(-1, x.shape[-1]).abs().amax(0).float().cpu())
-        return hook
+    def on_input(name, x):
+        stats[name].window_absmax.append(input_rows(x, name).abs().amax(0))
 
-    hooks = [model.get_submodule(n).register_forward_pre_hook(make_hook(n)) for n in names]
-    try:
+    with watch_inputs(model, names, on_input):
         for row in tqdm(calib, desc="calibrate", disable=not progress, leave=False):
             model(row[None].to(next(model.parameters()).device), use_cache=False)
-    finally:
-        for h in hooks:
-            h.remove()
     return {n: s.static_scale() for n, s in stats.items()}
