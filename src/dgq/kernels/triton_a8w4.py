@@ -105,6 +105,26 @@ def _epilogue_store(acc, offs_m, offs_n, M, N, sx_ptr, sch_ptr, b_ptr, y_ptr, st
 
 
 @triton.jit
+def _finish(acc, pid, offs_m, offs_n, M, N, sx_ptr, sch_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, stride_ym,
+            BM: tl.constexpr, BN: tl.constexpr, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr,
+            OUT_INT32: tl.constexpr):
+    """Split-K reduction (exact int32 atomics + arrival counter, the last split writes) and the epilogue."""
+    if SPLIT_K > 1:
+        mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+        ws_ptrs = ws_ptr + offs_m[:, None] * N + offs_n[None, :]
+        tl.atomic_add(ws_ptrs, acc, mask=mask)
+        tl.debug_barrier()
+        cnt = tl.atomic_add(cnt_ptr + pid, 1)
+        if cnt == SPLIT_K - 1:
+            total = tl.atomic_xchg(ws_ptrs, tl.zeros([BM, BN], dtype=tl.int32), mask=mask)
+            tl.atomic_xchg(cnt_ptr + pid, 0)
+            _epilogue_store(total, offs_m, offs_n, M, N, sx_ptr, sch_ptr, b_ptr, y_ptr, stride_ym,
+                            HAS_BIAS, OUT_INT32)
+    else:
+        _epilogue_store(acc, offs_m, offs_n, M, N, sx_ptr, sch_ptr, b_ptr, y_ptr, stride_ym, HAS_BIAS, OUT_INT32)
+
+
+@triton.jit
 def _a8w4_kernel(x_ptr, q_ptr, meta_ptr, sx_ptr, sch_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
                  M, N, K, stride_xm, stride_qn, stride_ym,
                  GROUP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
@@ -167,19 +187,8 @@ def _a8w4_kernel(x_ptr, q_ptr, meta_ptr, sx_ptr, sch_ptr, b_ptr, y_ptr, ws_ptr, 
     if SWAP:
         acc = tl.trans(acc)
 
-    if SPLIT_K > 1:
-        mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
-        ws_ptrs = ws_ptr + offs_m[:, None] * N + offs_n[None, :]
-        tl.atomic_add(ws_ptrs, acc, mask=mask)
-        tl.debug_barrier()
-        cnt = tl.atomic_add(cnt_ptr + pid, 1)
-        if cnt == SPLIT_K - 1:
-            total = tl.atomic_xchg(ws_ptrs, tl.zeros([BM, BN], dtype=tl.int32), mask=mask)
-            tl.atomic_xchg(cnt_ptr + pid, 0)
-            _epilogue_store(total, offs_m, offs_n, M, N, sx_ptr, sch_ptr, b_ptr, y_ptr, stride_ym,
-                            HAS_BIAS, OUT_INT32)
-    else:
-        _epilogue_store(acc, offs_m, offs_n, M, N, sx_ptr, sch_ptr, b_ptr, y_ptr, stride_ym, HAS_BIAS, OUT_INT32)
+    _finish(acc, pid, offs_m, offs_n, M, N, sx_ptr, sch_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, stride_ym,
+            BM, BN, SPLIT_K, HAS_BIAS, OUT_INT32)
 
 
 @triton.jit
@@ -257,19 +266,8 @@ def _dgq_kernel(x_ptr, rs_ptr, q_ptr, meta_ptr, sx_ptr, sch_ptr, b_ptr, y_ptr, w
     if SWAP:
         acc = tl.trans(acc)
 
-    if SPLIT_K > 1:
-        mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
-        ws_ptrs = ws_ptr + offs_m[:, None] * N + offs_n[None, :]
-        tl.atomic_add(ws_ptrs, acc, mask=mask)
-        tl.debug_barrier()
-        cnt = tl.atomic_add(cnt_ptr + pid, 1)
-        if cnt == SPLIT_K - 1:
-            total = tl.atomic_xchg(ws_ptrs, tl.zeros([BM, BN], dtype=tl.int32), mask=mask)
-            tl.atomic_xchg(cnt_ptr + pid, 0)
-            _epilogue_store(total, offs_m, offs_n, M, N, sx_ptr, sch_ptr, b_ptr, y_ptr, stride_ym,
-                            HAS_BIAS, OUT_INT32)
-    else:
-        _epilogue_store(acc, offs_m, offs_n, M, N, sx_ptr, sch_ptr, b_ptr, y_ptr, stride_ym, HAS_BIAS, OUT_INT32)
+    _finish(acc, pid, offs_m, offs_n, M, N, sx_ptr, sch_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, stride_ym,
+            BM, BN, SPLIT_K, HAS_BIAS, OUT_INT32)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -338,26 +336,6 @@ def _group_sc(sc_ptrs, g0, N, GSZ, BN: tl.constexpr, NG: tl.constexpr, RUN: tl.c
         s2 = s0[:, None]
         c2 = c0[:, None]
     return s2, c2
-
-
-@triton.jit
-def _finish(acc, pid, offs_m, offs_n, M, N, sx_ptr, sch_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, stride_ym,
-            BM: tl.constexpr, BN: tl.constexpr, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr,
-            OUT_INT32: tl.constexpr):
-    """Split-K reduction (exact int32 atomics + arrival counter, the last split writes) and the epilogue."""
-    if SPLIT_K > 1:
-        mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
-        ws_ptrs = ws_ptr + offs_m[:, None] * N + offs_n[None, :]
-        tl.atomic_add(ws_ptrs, acc, mask=mask)
-        tl.debug_barrier()
-        cnt = tl.atomic_add(cnt_ptr + pid, 1)
-        if cnt == SPLIT_K - 1:
-            total = tl.atomic_xchg(ws_ptrs, tl.zeros([BM, BN], dtype=tl.int32), mask=mask)
-            tl.atomic_xchg(cnt_ptr + pid, 0)
-            _epilogue_store(total, offs_m, offs_n, M, N, sx_ptr, sch_ptr, b_ptr, y_ptr, stride_ym,
-                            HAS_BIAS, OUT_INT32)
-    else:
-        _epilogue_store(acc, offs_m, offs_n, M, N, sx_ptr, sch_ptr, b_ptr, y_ptr, stride_ym, HAS_BIAS, OUT_INT32)
 
 
 @triton.jit
