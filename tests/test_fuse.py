@@ -173,3 +173,17 @@ def test_load_state_dict_refreshes_cached_weights():
         assert torch.equal(attn.k_proj(x), k_ref)
         assert attn.k_proj.qweight.untyped_storage().data_ptr() == \
             attn.k_proj.siblings.fused.qweight.untyped_storage().data_ptr()
+
+
+def test_torch_compile_traces_fused_models_without_graph_breaks():
+    """Under torch.compile the members run alone (the group's Python-side reuse would break the graph)."""
+    m = _quantized()
+    ids = torch.randint(0, 256, (2, 9))
+    ref = _logits(m, ids)
+    fuse_siblings(m)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        explained = torch._dynamo.explain(m)(ids)
+        assert explained.graph_break_count == 0, [str(r.reason)[:120] for r in explained.break_reasons]
+        assert torch.equal(torch.compile(m, backend="eager")(ids).logits, ref)
+    torch._dynamo.reset()

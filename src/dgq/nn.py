@@ -62,7 +62,9 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         group = self.__dict__.get("siblings")
-        if group is not None:  # one GEMM for all the linears reading x (dgq.fuse)
+        # one GEMM for all the linears reading x (dgq.fuse); under torch.compile each runs alone, since the
+        # group's identity/pointer checks would break the graph (a traced graph has no Python state to reuse)
+        if group is not None and not torch.compiler.is_compiling():
             return group(self, x)
         x2d = x.reshape(-1, self.in_features)
         y = self.kernel_for(x2d).forward(self, x2d)
