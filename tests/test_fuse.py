@@ -187,3 +187,63 @@ def test_torch_compile_traces_fused_models_without_graph_breaks():
         assert explained.graph_break_count == 0, [str(r.reason)[:120] for r in explained.break_reasons]
         assert torch.equal(torch.compile(m, backend="eager")(ids).logits, ref)
     torch._dynamo.reset()
+
+
+def test_deepcopy_and_threads():
+    """A fused model deep-copies (the kept per-thread output is not copied) and runs from several threads at once
+    (each thread keeps its own input/output, so one thread never gets another's slice)."""
+    import copy
+    import threading
+
+    m = _quantized()
+    fuse_siblings(m)
+    xs = [torch.randint(0, 256, (1, 7 + i)) for i in range(4)]
+    refs = [_logits(m, x) for x in xs]
+    c = copy.deepcopy(m)
+    assert torch.equal(_logits(c, xs[0]), refs[0])
+    assert c.model.layers[0].self_attn.q_proj.siblings is not m.model.layers[0].self_attn.q_proj.siblings
+    bad = []
+
+    def work(j):
+        for r in range(15):
+            i = (j + r) % len(xs)
+            if not torch.equal(_logits(m, xs[i]), refs[i]):
+                bad.append((j, r))
+
+    threads = [threading.Thread(target=work, args=(j,)) for j in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not bad
+    # deterministic: what one thread keeps is invisible to another, and still there for itself
+    attn = m.model.layers[0].self_attn
+    x = torch.randn(2, 64)
+    calls, step, back = [], threading.Event(), threading.Event()
+    fused = attn.q_proj.siblings.layer()
+    orig = fused.forward
+
+    def counting(inp):
+        calls.append(threading.current_thread().name)
+        return orig(inp)
+
+    def worker():
+        with torch.no_grad():
+            attn.q_proj(x)
+            step.set()
+            back.wait()
+            attn.k_proj(x)
+
+    fused.forward = counting  # this instance only
+    try:
+        t = threading.Thread(target=worker, name="worker")
+        t.start()
+        step.wait()
+        with torch.no_grad():
+            attn.k_proj(x)  # this thread kept nothing: computes
+        back.set()
+        t.join()
+    finally:
+        del fused.forward
+    # worker q, then main k (it must not reuse the worker's output); the worker's k reused its own
+    assert calls == ["worker", threading.current_thread().name]

@@ -25,6 +25,8 @@ epilogue per output); the weight-only float GEMM may differ in the last bits (BL
 
 from __future__ import annotations
 
+import threading
+
 import torch
 from torch import nn
 
@@ -111,8 +113,21 @@ class SiblingGroup:
             m.__dict__["sibling_index"] = i
 
     def clear(self) -> None:
-        """Drop the kept input/output (the next call computes afresh)."""
-        self._x, self._ver, self._y, self._pending = None, None, None, set()
+        """Drop the kept input/output of this thread (its next call computes afresh)."""
+        self._tls.x, self._tls.ver, self._tls.y, self._tls.pending = None, None, None, set()
+
+    @property
+    def _tls(self):
+        """The kept input/output are per thread: two threads running one model must not read each other's."""
+        tls = self.__dict__.get("_local")
+        if tls is None:
+            tls = self.__dict__["_local"] = threading.local()
+        if not hasattr(tls, "pending"):
+            tls.x, tls.ver, tls.y, tls.pending = None, None, None, set()
+        return tls
+
+    def __getstate__(self):  # copy.deepcopy / pickle: the per-thread state is not copied
+        return {k: v for k, v in self.__dict__.items() if k != "_local"}
 
     def invalidate(self) -> None:
         """The members' tensors changed (moved, reloaded): rebuild the fused layer on the next call."""
@@ -137,16 +152,17 @@ class SiblingGroup:
     def __call__(self, member: QuantLinear, x):
         i = member.sibling_index
         ver = _version(x)
-        if self._x is x and self._ver == ver and i in self._pending and self.fused is not None \
+        t = self._tls
+        if t.x is x and t.ver == ver and i in t.pending and self.fused is not None \
                 and self._current_ptrs() == self._ptrs:
-            y = self._y
-            self._pending.discard(i)
-            if not self._pending:
+            y = t.y
+            t.pending.discard(i)
+            if not t.pending:
                 self.clear()
         else:
             y = self.layer()(x)
-            self._x, self._ver, self._y = x, ver, y
-            self._pending = set(range(len(self.members))) - {i}
+            t.x, t.ver, t.y = x, ver, y
+            t.pending = set(range(len(self.members))) - {i}
         lo, hi = self.spans[i]
         return y[..., lo:hi]
 
