@@ -251,3 +251,10 @@ def test_act_order_default_per_method():
     assert p.parse_args(base + ["--no-act-order"]).act_order is False
     assert p.parse_args(base + ["--act-order"]).act_order is True
     assert parse_methods("dgq-gptq:act_order=false", {})[0][1].resolved().act_order is False
+    # the token-weighted Hessian likewise: dgq-gptq's default, an option for gptq
+    assert DGQConfig(method="dgq-gptq").resolved().token_weighted is True
+    assert DGQConfig(method="gptq").resolved().token_weighted is False
+    cfg = parse_methods("gptq:token_weighted=true", {"group_size": 32})[0][1]
+    m = make_tiny("llama")
+    dgq.quantize(m, cfg, calib=torch.randint(0, 256, (2, 16)), progress=False)
+    assert m.dgq_config["recipe"]["token_weighted"] is True

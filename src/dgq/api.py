@@ -46,9 +46,10 @@ class DGQConfig:
         w4a16 (with ``weights_only``) or w8a8 (``w_bits=8``); smoothquant → w8a8; gptq, awq → w4a16; dgq → dgq.
     alpha: SmoothQuant's migration strength. act_order / damp / block_size: GPTQ's knobs (act-order uses static
         groups; None = the method's default: on for dgq-gptq, which it improves (README), off for gptq, as
-        published). awq_grid: AWQ's α grid (and clip grid) size. token_weighted: dgq-gptq fits GPTQ to the mean
+        published). awq_grid: AWQ's α grid (and clip grid) size. token_weighted: fit GPTQ to the mean
         per-token relative error (every calibration token scaled to unit norm in the Hessian) instead of the plain
-        squared error, which a few massive-activation tokens dominate.
+        squared error, which a few massive-activation tokens dominate; None = on for dgq-gptq, off for gptq (the
+        published Hessian).
     group_size: along K; must divide every quantized layer's input size (-1 = one group per row).
     act: ``dynamic`` (per-token absmax, default) or ``static`` (per-tensor, from calibration data).
     weights_only: keep float activations (A16W4) in the same storage format.
@@ -82,7 +83,7 @@ class DGQConfig:
     damp: float = 0.01
     block_size: int = 128
     awq_grid: int = 20
-    token_weighted: bool = True
+    token_weighted: bool | None = None
 
     def validate(self) -> None:
         if self.method not in METHODS:
@@ -104,8 +105,9 @@ class DGQConfig:
             raise DGQError(f"{self.method} writes 4-bit weights")
         if not 0.0 <= self.alpha <= 1.0:
             raise DGQError(f"smoothquant alpha must lie in [0, 1], got {self.alpha}")
-        if self.act_order not in (None, True, False):
-            raise DGQError(f"act_order must be true, false or unset, got {self.act_order!r}")
+        for knob in ("act_order", "token_weighted"):
+            if getattr(self, knob) not in (None, True, False):
+                raise DGQError(f"{knob} must be true, false or unset, got {getattr(self, knob)!r}")
         if not 0.0 < self.damp < 1.0:
             raise DGQError(f"GPTQ damp must lie in (0, 1), got {self.damp}")
         if self.block_size < 1 or self.awq_grid < 1:
@@ -132,8 +134,10 @@ class DGQConfig:
                 smooth = False
             else:
                 smooth = DEFAULT_SMOOTH[self.act_mode]
-        act_order = self.act_order if self.act_order is not None else self.method == "dgq-gptq"
-        return replace(self, smooth=smooth, act_order=act_order)
+        ours = self.method == "dgq-gptq"  # gptq keeps the published defaults
+        act_order = self.act_order if self.act_order is not None else ours
+        token_weighted = self.token_weighted if self.token_weighted is not None else ours
+        return replace(self, smooth=smooth, act_order=act_order, token_weighted=token_weighted)
 
     @property
     def storage_format(self) -> str:
@@ -288,7 +292,8 @@ def _quantize_calibrated(model, config: DGQConfig, targets: dict, calib: torch.T
             return W8A8Linear.from_weight(w8_rtn(w), bias, act_mode=config.act_mode, act_scale=act_scale, name=name)
         g = fmt.resolve_group_size(lin.in_features, config.group_size, name)
         if config.method == "gptq":
-            return W4A16Linear.from_weight(gptq_w4_weight(w, stats.hessian(), g, config), bias, name=name)
+            h = stats.token_hessian() if config.token_weighted else stats.hessian()
+            return W4A16Linear.from_weight(gptq_w4_weight(w, h, g, config), bias, name=name)
         if config.method == "awq":
             if name.rsplit(".", 1)[-1] not in AWQ_NO_CLIP:
                 w = awq_clip(w, stats.hessian(), g, grid=config.awq_grid)

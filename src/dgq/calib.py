@@ -339,7 +339,7 @@ def calibrate(model: nn.Module, arch: Arch, targets: dict, calib: torch.Tensor, 
         names = [n[len(prefix):] for n in targets if n.startswith(prefix)]
         stats, fp_out = collect_stats(block, names, hidden, kwargs[i], tokens_per_window, config.seed, i, device,
                                       full_hessian=config.method in FULL_HESSIAN,
-                                      token_hessian=config.method == "dgq-gptq" and config.token_weighted)
+                                      token_hessian=config.method in FULL_HESSIAN and bool(config.token_weighted))
         entry = {"block": i, "smoothed": {}, "linears": {}}
         if config.smooth:
             for spec in arch.smooth:
