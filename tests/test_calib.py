@@ -106,3 +106,21 @@ def test_same_seed_bitwise_identical_checkpoint(tmp_path):
 def test_dgq_needs_calibration():
     with pytest.raises(DGQError, match="needs calibration data"):
         dgq.quantize(make_tiny("llama"), DGQConfig(method="dgq", group_size=32), progress=False)
+
+
+def test_token_hessian_weights_every_token_equally():
+    from dgq.calib import LinearStats
+
+    x = torch.randn(64, 16)
+    x[3] *= 1000.0  # a massive-activation token dominates xᵀx, not x̂ᵀx̂
+    st = LinearStats()
+    st.samples = [x[:32], x[32:]]
+    xn = x / x.norm(dim=1, keepdim=True)
+    assert torch.allclose(st.token_hessian(), xn.T @ xn / 64, atol=1e-6)
+    assert torch.allclose(st.hessian(), x.T @ x / 64, rtol=1e-5)
+    full = LinearStats()
+    full.add_full(x)  # plain Hessian only: asking for the token-weighted one is an error, not a silent fallback
+    with pytest.raises(DGQError, match="token-weighted"):
+        full.token_hessian()
+    full.add_full(x, token=True)
+    assert torch.allclose(LinearStats(h_tok=(xn.T @ xn).double(), h_count=64).token_hessian(), xn.T @ xn / 64)

@@ -48,8 +48,8 @@ class DGQConfig:
         groups; None = the method's default: on for dgq-gptq, which it improves (README), off for gptq, as
         published). awq_grid: AWQ's α grid (and clip grid) size. token_weighted: fit GPTQ to the mean
         per-token relative error (every calibration token scaled to unit norm in the Hessian) instead of the plain
-        squared error, which a few massive-activation tokens dominate; None = on for dgq-gptq, off for gptq (the
-        published Hessian).
+        squared error, which a few massive-activation tokens dominate; None = on for dgq-gptq (its GPTQ step), off for
+        gptq (the published Hessian) and dgq (its search: 24.60 vs 24.18 ppl with it, README).
     group_size: along K; must divide every quantized layer's input size (-1 = one group per row).
     act: ``dynamic`` (per-token absmax, default) or ``static`` (per-tensor, from calibration data).
     weights_only: keep float activations (A16W4) in the same storage format.
@@ -307,7 +307,8 @@ def _quantize_calibrated(model, config: DGQConfig, targets: dict, calib: torch.T
         if config.method == "dgq-gptq":  # alternatives: calibration keeps the better one per block
             h_fit = stats.token_hessian() if config.token_weighted else stats.hessian()
             return tuple(wrap(q) for q in dgq_gptq_weight(w, stats.hessian(), g, config, h_fit))
-        return wrap(_dgq_weight(w, stats.hessian(), g, config))
+        h = stats.token_hessian() if config.token_weighted else stats.hessian()
+        return wrap(_dgq_weight(w, h, g, config))
 
     log = calibrate(model, arch, targets, calib, config, make_layer, progress=progress)
     model.dgq_config = build_quantization_config(model, config)

@@ -66,10 +66,17 @@ class LinearStats:
 
     def token_hessian(self) -> torch.Tensor:
         """``Σ x̂ᵀx̂ / T`` with every token scaled to unit norm, so the objective is the mean *relative* output error
-        per token: a few massive-activation tokens (attention sinks) no longer dominate it. Needs ``full_hessian``."""
-        if self.h_tok is None:
+        per token: a few massive-activation tokens (attention sinks) no longer dominate it. Over every calibration
+        token when accumulated (``collect_stats(token_hessian=True)``), else over the sampled tokens (exact: the
+        samples are rescaled by smoothing folds, so their norms are current)."""
+        if self.h_tok is not None:
+            return (self.h_tok / max(1, self.h_count)).float()
+        if self.h_sum is not None:
             raise DGQError("token-weighted Hessian was not collected (collect_stats(token_hessian=True))")
-        return (self.h_tok / max(1, self.h_count)).float()
+        from .quant.search import hessian
+
+        x = self.x()
+        return hessian(x / x.norm(dim=1, keepdim=True).clamp_min(1e-12))
 
     def absmax(self) -> torch.Tensor:
         return torch.stack(self.window_absmax).amax(0)
