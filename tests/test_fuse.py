@@ -247,3 +247,32 @@ def test_deepcopy_and_threads():
         del fused.forward
     # worker q, then main k (it must not reuse the worker's output); the worker's k reused its own
     assert calls == ["worker", threading.current_thread().name]
+
+
+def test_kept_output_is_dropped_when_weights_change_in_another_thread():
+    import threading
+
+    m = _quantized()
+    fuse_siblings(m)
+    attn, donor = m.model.layers[0].self_attn, m.model.layers[1].self_attn
+    x = torch.randn(2, 64)
+    with torch.no_grad():
+        k_new = donor.k_proj(x)
+    got, step, back = [], threading.Event(), threading.Event()
+
+    def worker():
+        with torch.no_grad():
+            attn.q_proj(x)  # keeps the fused output, k and v pending
+            step.set()
+            back.wait()
+            got.append(attn.k_proj(x))
+
+    t = threading.Thread(target=worker)
+    t.start()
+    step.wait()
+    attn.k_proj.load_state_dict({n: v.clone() for n, v in donor.k_proj.state_dict().items()})
+    with torch.no_grad():
+        attn.v_proj(torch.randn(2, 64))  # this thread rebuilds the fused layer meanwhile
+    back.set()
+    t.join()
+    assert torch.equal(got[0], k_new)

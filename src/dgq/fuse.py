@@ -107,6 +107,7 @@ class SiblingGroup:
             lo += m.out_features
         self.fused: QuantLinear | None = None
         self._ptrs: tuple = ()
+        self._gen = 0  # bumped whenever the fused layer is dropped or rebuilt: kept outputs of older ones are stale
         self.clear()
         for i, m in enumerate(members):
             m.__dict__["siblings"] = self
@@ -114,7 +115,8 @@ class SiblingGroup:
 
     def clear(self) -> None:
         """Drop the kept input/output of this thread (its next call computes afresh)."""
-        self._tls.x, self._tls.ver, self._tls.y, self._tls.pending = None, None, None, set()
+        t = self._tls
+        t.x, t.ver, t.y, t.pending, t.gen = None, None, None, set(), -1
 
     @property
     def _tls(self):
@@ -123,7 +125,7 @@ class SiblingGroup:
         if tls is None:
             tls = self.__dict__["_local"] = threading.local()
         if not hasattr(tls, "pending"):
-            tls.x, tls.ver, tls.y, tls.pending = None, None, None, set()
+            tls.x, tls.ver, tls.y, tls.pending, tls.gen = None, None, None, set(), -1
         return tls
 
     def __getstate__(self):  # copy.deepcopy / pickle: the per-thread state is not copied
@@ -132,6 +134,7 @@ class SiblingGroup:
     def invalidate(self) -> None:
         """The members' tensors changed (moved, reloaded): rebuild the fused layer on the next call."""
         self.fused = None
+        self._gen += 1
         self.clear()
 
     def _current_ptrs(self) -> tuple:
@@ -146,6 +149,7 @@ class SiblingGroup:
                     m._buffers[n] = fused._buffers[n][lo:hi]
                 m.kernel_cache = {}
             self.fused, self._ptrs = fused, self._current_ptrs()
+            self._gen += 1
             self.clear()
         return self.fused
 
@@ -153,7 +157,7 @@ class SiblingGroup:
         i = member.sibling_index
         ver = _version(x)
         t = self._tls
-        if t.x is x and t.ver == ver and i in t.pending and self.fused is not None \
+        if t.x is x and t.ver == ver and i in t.pending and t.gen == self._gen and self.fused is not None \
                 and self._current_ptrs() == self._ptrs:
             y = t.y
             t.pending.discard(i)
@@ -161,7 +165,7 @@ class SiblingGroup:
                 self.clear()
         else:
             y = self.layer()(x)
-            t.x, t.ver, t.y = x, ver, y
+            t.x, t.ver, t.y, t.gen = x, ver, y, self._gen
             t.pending = set(range(len(self.members))) - {i}
         lo, hi = self.spans[i]
         return y[..., lo:hi]
