@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One GPU run for issue 4: GEMM benchmark, end-to-end benchmark, compiled-kernel tests, summary (<= 440 s in all;
+# One GPU run for issue 4: GEMM benchmark, end-to-end benchmark, compiled-kernel tests, summary (<= 460 s in all;
 # every step has a hard timeout). Usage (device machine, repo root): bash benchmarks/gpu_run.sh
 # Writes into $OUT (default benchmarks/results): gpu_gemm.json/.png, gpu_e2e.json, gpu_tests.txt/.jsonl,
 # gpu_summary.json, gpu_run_log.txt. The short table printed last comes from benchmarks/gpu_summary.py.
