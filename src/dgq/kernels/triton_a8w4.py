@@ -57,6 +57,32 @@ def _grouped_tile(pid, M, N, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.con
 
 
 @triton.jit
+def _tile_rows_cols(pid_m, pid_n, M, N, BM: tl.constexpr, BN: tl.constexpr):
+    """A tile's row/column offsets and their in-bounds (clamped) versions for addressing (rows as int64)."""
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    return offs_m, offs_n, tl.where(offs_m < M, offs_m, 0).to(tl.int64), tl.where(offs_n < N, offs_n, 0)
+
+
+@triton.jit
+def _split_range(pid_k, n_steps, SPLIT_K: tl.constexpr):
+    """The K-loop steps ``[start, end)`` of split ``pid_k`` of ``SPLIT_K``."""
+    per = tl.cdiv(n_steps, SPLIT_K)
+    start = pid_k * per
+    return start, tl.minimum(start + per, n_steps)
+
+
+@triton.jit
+def _zero_acc(BM: tl.constexpr, BN: tl.constexpr, SWAP: tl.constexpr):
+    """The int32 accumulator, ``[BN, BM]`` when the weight is on the MMA's M side (``SWAP``)."""
+    if SWAP:
+        acc = tl.zeros([BN, BM], dtype=tl.int32)
+    else:
+        acc = tl.zeros([BM, BN], dtype=tl.int32)
+    return acc
+
+
+@triton.jit
 def _quant_kernel(x_ptr, x8_ptr, s_ptr, scale_ptr, rs_ptr, K, stride_xm,
                   BLOCK: tl.constexpr, STATIC: tl.constexpr, PERMUTE: tl.constexpr, ROWSUM: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
@@ -137,24 +163,15 @@ def _a8w4_kernel(x_ptr, q_ptr, meta_ptr, sx_ptr, sch_ptr, b_ptr, y_ptr, ws_ptr, 
     pid_k = tl.program_id(1)
     pid_m, pid_n = _grouped_tile(pid, M, N, BM, BN, GROUP_M)
 
-    offs_m = pid_m * BM + tl.arange(0, BM)
-    offs_n = pid_n * BN + tl.arange(0, BN)
-    rm = tl.where(offs_m < M, offs_m, 0).to(tl.int64)
-    rn = tl.where(offs_n < N, offs_n, 0)
+    offs_m, offs_n, rm, rn = _tile_rows_cols(pid_m, pid_n, M, N, BM, BN)
     j = tl.arange(0, HALF)
     xcol = (j // 64) * 128 + (j % 64)  # permuted-activation column of each low-nibble tile column
     x_ptrs = x_ptr + rm[:, None] * stride_xm + xcol[None, :]
     q_ptrs = q_ptr + rn.to(tl.int64)[:, None] * stride_qn + j[None, :]
     meta_ptrs = meta_ptr + rn
 
-    n_kt = K // BK
-    per = tl.cdiv(n_kt, SPLIT_K)
-    kt0 = pid_k * per
-    kt1 = tl.minimum(kt0 + per, n_kt)
-    if SWAP:
-        acc = tl.zeros([BN, BM], dtype=tl.int32)
-    else:
-        acc = tl.zeros([BM, BN], dtype=tl.int32)
+    kt0, kt1 = _split_range(pid_k, K // BK, SPLIT_K)
+    acc = _zero_acc(BM, BN, SWAP)
     for kt in range(kt0, kt1):
         xl = tl.load(x_ptrs + kt * BK)
         xh = tl.load(x_ptrs + kt * BK + 64)
@@ -212,24 +229,15 @@ def _dgq_kernel(x_ptr, rs_ptr, q_ptr, meta_ptr, sx_ptr, sch_ptr, b_ptr, y_ptr, w
     pid_k = tl.program_id(1)
     pid_m, pid_n = _grouped_tile(pid, M, N, BM, BN, GROUP_M)
 
-    offs_m = pid_m * BM + tl.arange(0, BM)
-    offs_n = pid_n * BN + tl.arange(0, BN)
-    rm = tl.where(offs_m < M, offs_m, 0).to(tl.int64)
-    rn = tl.where(offs_n < N, offs_n, 0)
+    offs_m, offs_n, rm, rn = _tile_rows_cols(pid_m, pid_n, M, N, BM, BN)
     j = tl.arange(0, HB)
     x_ptrs = x_ptr + rm[:, None] * stride_xm + j[None, :]
     q_ptrs = q_ptr + rn.to(tl.int64)[:, None] * stride_qn + j[None, :]
     rs_ptrs = rs_ptr + rm * stride_rm
     meta_ptrs = meta_ptr + rn
 
-    n_it = (K // STEP) // UNROLL
-    per = tl.cdiv(n_it, SPLIT_K)
-    it0 = pid_k * per
-    it1 = tl.minimum(it0 + per, n_it)
-    if SWAP:
-        acc = tl.zeros([BN, BM], dtype=tl.int32)
-    else:
-        acc = tl.zeros([BM, BN], dtype=tl.int32)
+    it0, it1 = _split_range(pid_k, (K // STEP) // UNROLL, SPLIT_K)
+    acc = _zero_acc(BM, BN, SWAP)
     for it in range(it0, it1):
         for uu in tl.static_range(UNROLL):
             u = it * UNROLL + uu
@@ -354,24 +362,15 @@ def _v3_kernel(x_ptr, qw_ptr, sc_ptr, sx_ptr, sch_ptr, b_ptr, y_ptr, ws_ptr, cnt
     pid_k = tl.program_id(1)
     pid_m, pid_n = _grouped_tile(pid, M, N, BM, BN, GROUP_M)
 
-    offs_m = pid_m * BM + tl.arange(0, BM)
-    offs_n = pid_n * BN + tl.arange(0, BN)
-    rm = tl.where(offs_m < M, offs_m, 0).to(tl.int64)
-    rn = tl.where(offs_n < N, offs_n, 0)
+    offs_m, offs_n, rm, rn = _tile_rows_cols(pid_m, pid_n, M, N, BM, BN)
     j = tl.arange(0, HALF)
     xcol = (j // 64) * 128 + (j % 64)  # permuted-activation column of each even-k tile column
     x_ptrs = x_ptr + rm[:, None] * stride_xm + xcol[None, :]
     q_ptrs = qw_ptr + rn.to(tl.int64)[:, None] * stride_qw + tl.arange(0, QW)[None, :]
     sc_ptrs = sc_ptr + rn
 
-    n_kt = K // BK
-    per = tl.cdiv(n_kt, SPLIT_K)
-    kt0 = pid_k * per
-    kt1 = tl.minimum(kt0 + per, n_kt)
-    if SWAP:
-        acc = tl.zeros([BN, BM], dtype=tl.int32)
-    else:
-        acc = tl.zeros([BM, BN], dtype=tl.int32)
+    kt0, kt1 = _split_range(pid_k, K // BK, SPLIT_K)
+    acc = _zero_acc(BM, BN, SWAP)
     for kt in range(kt0, kt1):
         xl = tl.load(x_ptrs + kt * BK)
         xh = tl.load(x_ptrs + kt * BK + 64)
@@ -410,20 +409,14 @@ def _gemv_kernel(x_ptr, qw_ptr, sc_ptr, sx_ptr, sch_ptr, b_ptr, y_ptr, ws_ptr, c
     num_pid_n = tl.cdiv(N, BN)
     pid_m = pid // num_pid_n
     pid_n = pid % num_pid_n
-    offs_m = pid_m * BM + tl.arange(0, BM)
-    offs_n = pid_n * BN + tl.arange(0, BN)
-    rm = tl.where(offs_m < M, offs_m, 0).to(tl.int64)
-    rn = tl.where(offs_n < N, offs_n, 0)
+    offs_m, offs_n, rm, rn = _tile_rows_cols(pid_m, pid_n, M, N, BM, BN)
     jw = tl.arange(0, QW)
     xw = (jw // 16) * 32 + (jw % 16)  # x word (4 permuted int8) paired with the even-k half of weight word jw
     x_ptrs = x_ptr + rm[:, None] * stride_xw + xw[None, :]
     q_ptrs = qw_ptr + rn.to(tl.int64)[:, None] * stride_qw + jw[None, :]
     sc_ptrs = sc_ptr + rn
 
-    n_kt = K // BK
-    per = tl.cdiv(n_kt, SPLIT_K)
-    kt0 = pid_k * per
-    kt1 = tl.minimum(kt0 + per, n_kt)
+    kt0, kt1 = _split_range(pid_k, K // BK, SPLIT_K)
     acc3 = tl.zeros([BM, BN, QW], dtype=tl.int32)
     for kt in tl.range(kt0, kt1, num_stages=STAGES):
         w = tl.load(q_ptrs + kt * QW)
