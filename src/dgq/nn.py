@@ -21,13 +21,25 @@ class QuantLinear(nn.Module):
     act_mode: str
 
     def _finish_init(self, bias: bool, bias_dtype: torch.dtype, device) -> None:
-        """The optional bias buffer, the (never saved) kernel cache and the name every format has."""
+        """The optional bias buffer, the kernel cache (derived, never saved: expanded/repacked weights per kernel)
+        and the name every format has."""
         if bias:
             self.register_buffer("bias", torch.zeros(self.out_features, dtype=bias_dtype, device=device))
         else:
             self.bias = None
         self.kernel_cache: dict = {}
         self.name = ""
+
+    def _fill(self, bias=None, act_scale=None, name: str = "", **tensors) -> QuantLinear:
+        """Copy ``tensors`` (buffer name -> values), the bias and a static activation scale in; returns self."""
+        for key, t in tensors.items():
+            getattr(self, key).copy_(t)
+        if bias is not None:
+            self.bias.copy_(bias)
+        if act_scale is not None:
+            self.act_scale.fill_(float(act_scale))
+        self.name = name
+        return self
 
     def _invalidate(self) -> None:
         self.kernel_cache = {}
@@ -101,12 +113,7 @@ class DGQLinear(QuantLinear):
         self.register_buffer("scales", torch.ones(n, k // g, dtype=torch.int8, device=device))
         self.register_buffer("channel_scale", torch.ones(n, dtype=torch.float32, device=device))
         self.register_buffer("act_scale", torch.zeros((), dtype=torch.float32, device=device))
-        if bias:
-            self.register_buffer("bias", torch.zeros(n, dtype=bias_dtype, device=device))
-        else:
-            self.bias = None
-        self.kernel_cache: dict = {}  # derived, never saved: expanded/repacked weights per kernel
-        self.name = ""
+        self._finish_init(bias, bias_dtype, device)
 
     @classmethod
     def from_tensors(
@@ -124,16 +131,8 @@ class DGQLinear(QuantLinear):
         n, k2 = qweight.shape
         m = cls(2 * k2, n, group_size, bias=bias is not None, act_mode=act_mode,
                 bias_dtype=bias.dtype if bias is not None else torch.float32, device=qweight.device)
-        m.qweight.copy_(qweight)
-        m.zeros.copy_(zeros)
-        m.scales.copy_(scales)
-        m.channel_scale.copy_(channel_scale)
-        if bias is not None:
-            m.bias.copy_(bias)
-        if act_scale is not None:
-            m.act_scale.fill_(float(act_scale))
-        m.name = name
-        return m
+        return m._fill(bias, act_scale, name, qweight=qweight, zeros=zeros, scales=scales,
+                       channel_scale=channel_scale)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}, "
@@ -169,13 +168,7 @@ class W4A16Linear(QuantLinear):
         n, k2 = qw.qweight.shape
         m = cls(2 * k2, n, qw.group_size, bias=bias is not None,
                 bias_dtype=bias.dtype if bias is not None else torch.float32, device=qw.qweight.device)
-        m.qweight.copy_(qw.qweight)
-        m.scales.copy_(qw.scales)
-        m.zeros.copy_(qw.zeros)
-        if bias is not None:
-            m.bias.copy_(bias)
-        m.name = name
-        return m
+        return m._fill(bias, None, name, qweight=qw.qweight, scales=qw.scales, zeros=qw.zeros)
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         from .quant.peers import w4_dequantize
@@ -208,14 +201,7 @@ class W8A8Linear(QuantLinear):
         n, k = qw.weight.shape
         m = cls(k, n, bias=bias is not None, act_mode=act_mode,
                 bias_dtype=bias.dtype if bias is not None else torch.float32, device=qw.weight.device)
-        m.weight.copy_(qw.weight)
-        m.channel_scale.copy_(qw.scale)
-        if bias is not None:
-            m.bias.copy_(bias)
-        if act_scale is not None:
-            m.act_scale.fill_(float(act_scale))
-        m.name = name
-        return m
+        return m._fill(bias, act_scale, name, weight=qw.weight, channel_scale=qw.scale)
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return (self.weight.float() * self.channel_scale[:, None]).to(dtype)
