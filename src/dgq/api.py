@@ -291,13 +291,14 @@ def _quantize_calibrated(model, config: DGQConfig, targets: dict, calib: torch.T
                 act_scale = max(stats.absmax().amax().item() / fmt.INT8_MAX, 1e-8)
             return W8A8Linear.from_weight(w8_rtn(w), bias, act_mode=config.act_mode, act_scale=act_scale, name=name)
         g = fmt.resolve_group_size(lin.in_features, config.group_size, name)
-        if config.method == "gptq":
-            h = stats.token_hessian() if config.token_weighted else stats.hessian()
-            return W4A16Linear.from_weight(gptq_w4_weight(w, h, g, config), bias, name=name)
         if config.method == "awq":
             if name.rsplit(".", 1)[-1] not in AWQ_NO_CLIP:
                 w = awq_clip(w, stats.hessian(), g, grid=config.awq_grid)
             return W4A16Linear.from_weight(w4_rtn(w, g), bias, name=name)
+        # the objective GPTQ (and, when asked, DGQ's search) minimises: plain or token-weighted output error
+        h_fit = stats.token_hessian() if config.token_weighted else stats.hessian()
+        if config.method == "gptq":
+            return W4A16Linear.from_weight(gptq_w4_weight(w, h_fit, g, config), bias, name=name)
         act_scale = stats.static_scale() if config.act_mode == "static" else None
 
         def wrap(qw):
@@ -305,10 +306,8 @@ def _quantize_calibrated(model, config: DGQConfig, targets: dict, calib: torch.T
                                           act_mode=config.act_mode, act_scale=act_scale, name=name)
 
         if config.method == "dgq-gptq":  # alternatives: calibration keeps the better one per block
-            h_fit = stats.token_hessian() if config.token_weighted else stats.hessian()
             return tuple(wrap(q) for q in dgq_gptq_weight(w, stats.hessian(), g, config, h_fit))
-        h = stats.token_hessian() if config.token_weighted else stats.hessian()
-        return wrap(_dgq_weight(w, h, g, config))
+        return wrap(_dgq_weight(w, h_fit, g, config))
 
     log = calibrate(model, arch, targets, calib, config, make_layer, progress=progress)
     model.dgq_config = build_quantization_config(model, config)

@@ -152,7 +152,6 @@ def run_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict, device) -> t
     return torch.cat(outs)
 
 
-@torch.no_grad()
 @contextmanager
 def watch_inputs(root: nn.Module, names: list[str], on_input):
     """Forward pre-hooks on ``root``'s submodules ``names`` calling ``on_input(name, x)`` with each call's first
@@ -178,6 +177,7 @@ def input_rows(x: torch.Tensor, where: str) -> torch.Tensor:
     return x
 
 
+@torch.no_grad()
 def collect_stats(block: nn.Module, names: list[str], hidden: torch.Tensor, kwargs: dict, tokens_per_window: int,
                   seed: int, block_index: int, device, full_hessian: bool = False, token_hessian: bool = False
                   ) -> tuple[dict[str, LinearStats], torch.Tensor]:
