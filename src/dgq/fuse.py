@@ -16,7 +16,7 @@ returned slices are column views of the fused ``[..., sum(N_i)]`` output (last-d
 the last dimension, as attention head reshapes do, works; call ``.contiguous()`` before merging leading dims).
 
 Under ``torch.compile`` the members run one by one (``QuantLinear.forward`` skips the group while compiling): the
-identity and pointer checks would split the traced graph (19 graph breaks on a 2-block Llama), and a traced graph
+identity and pointer checks would split the traced graph at every member (the test asserts none), and a traced graph
 keeps no Python state between calls anyway.
 
 Outputs are bitwise equal to the unfused layers on the int8 kernels (exact int32 accumulation and an elementwise
