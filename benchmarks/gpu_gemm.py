@@ -38,7 +38,7 @@ import triton.language as tl  # noqa: E402
 
 from dgq import format as fmt  # noqa: E402
 from dgq.kernels import triton_a8w4 as T  # noqa: E402
-from dgq.quant.act import epilogue  # noqa: E402
+from dgq.formats.act import epilogue  # noqa: E402
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (8192, 8192)]  # (N, K)
 MS = [1, 4, 16, 64, 256, 1024, 2048, 4096, 8192]
@@ -224,7 +224,7 @@ def main():
                     ok_acc = ok_acc and torch.equal(acc_v3, acc)
                 ok_out = torch.equal(got, ref)
                 qx8, qsx, qrs = T.quantize_per_token_triton(X[0], permute=True, rowsum=True)
-                from dgq.quant.act import quantize_per_token
+                from dgq.formats.act import quantize_per_token
 
                 if m <= 1024:  # the kernel follows torch's CPU (exact-division) semantics; see docs/gpu-kernel.md
                     rx8, rsx = quantize_per_token(X[0].cpu())

@@ -4,7 +4,7 @@ import torch
 from dgq import DGQError, DGQLinear
 from dgq.kernels import by_name, explain, select
 from dgq.kernels.reference import int32_accumulate
-from dgq.quant.act import quantize_per_token
+from dgq.formats.act import quantize_per_token
 from dgq.quant.rtn import rtn_quantize
 
 

@@ -21,7 +21,7 @@ from dgq import format as fmt  # noqa: E402
 from dgq.kernels import triton_a8w4 as T  # noqa: E402
 from dgq.kernels.reference import int32_accumulate  # noqa: E402
 from dgq.nn import DGQLinear  # noqa: E402
-from dgq.quant.act import epilogue, quantize_per_tensor, quantize_per_token  # noqa: E402
+from dgq.formats.act import epilogue, quantize_per_tensor, quantize_per_token  # noqa: E402
 
 if NATIVE and not torch.cuda.is_available():
     pytest.skip("DGQ_TEST_TRITON_NATIVE=1 needs a CUDA device", allow_module_level=True)

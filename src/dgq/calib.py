@@ -25,7 +25,7 @@ from . import format as fmt
 from .arch import Arch, Smooth, get_blocks
 from .errors import DGQError
 from .quant import smooth as sm
-from .quant.act import quantize_per_tensor, quantize_per_token
+from .formats.act import quantize_per_tensor, quantize_per_token
 
 
 class _Stop(Exception):

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from . import format as fmt
-from .quant.act import quantize_per_tensor, quantize_per_token
+from .formats.act import quantize_per_tensor, quantize_per_token
 
 ACT_MODES = ("dynamic", "static", "none")  # none = weight-only (A16W4)
 

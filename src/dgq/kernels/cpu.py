@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ..quant.act import epilogue
+from ..formats.act import epilogue
 
 
 class CpuIntMMKernel:

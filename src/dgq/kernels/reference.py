@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ..quant.act import epilogue
+from ..formats.act import epilogue
 
 
 def int32_accumulate(x8: torch.Tensor, w8: torch.Tensor) -> torch.Tensor:

@@ -822,14 +822,14 @@ def _quant(x: torch.Tensor, scale: torch.Tensor | None, permute: bool, rowsum: b
 
 
 def quantize_per_token_triton(x: torch.Tensor, permute: bool = False, rowsum: bool = False):
-    """Fused dynamic per-token absmax quantization; bitwise equal to :func:`dgq.quant.act.quantize_per_token`
+    """Fused dynamic per-token absmax quantization; bitwise equal to :func:`dgq.formats.act.quantize_per_token`
     (``permute=True`` writes ``x8`` in the GEMM kernel's activation order; ``rowsum=True`` also returns the int32
     ``[M, K/64]`` row sums the GEMM needs)."""
     return _quant(x, None, permute, rowsum)
 
 
 def quantize_per_tensor_triton(x: torch.Tensor, scale: torch.Tensor, permute: bool = False, rowsum: bool = False):
-    """Static per-tensor quantization, as :func:`dgq.quant.act.quantize_per_tensor` (``s_x`` broadcast to [M])."""
+    """Static per-tensor quantization, as :func:`dgq.formats.act.quantize_per_tensor` (``s_x`` broadcast to [M])."""
     return _quant(x, scale, permute, rowsum)
 
 
