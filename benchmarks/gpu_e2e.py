@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
-from dgq.nn import DGQLinear  # noqa: E402
+from dgq.formats.dgq import DGQLinear, DGQWeight  # noqa: E402
 
 LINEARS = {"self_attn": ["q_proj", "k_proj", "v_proj", "o_proj"], "mlp": ["gate_proj", "up_proj", "down_proj"]}
 
@@ -67,7 +67,8 @@ def to_dgq(model, g, dev):
                 z = torch.full((n, k // g), 8, device=dev, dtype=torch.int8)
                 s = torch.randint(1, 16, (n, k // g), device=dev, dtype=torch.int8, generator=gen)
                 ch = torch.full((n,), 0.02 / 64, device=dev)
-                new = DGQLinear.from_tensors(q, z, s, ch, g, act_mode="dynamic", name=f"layers.{li}.{part}.{name}")
+                new = DGQLinear.from_weight(DGQWeight(q, z, s, ch, g), act_mode="dynamic",
+                                            name=f"layers.{li}.{part}.{name}")
                 setattr(mod, name, new)
                 del lin
     if dev == "cuda":
@@ -200,13 +201,12 @@ def main():
                              f"{args.steps} steps after a {args.prompt}-token prompt",
                smoke=args.smoke, bf16=bf16, dgq_a8w4=dgq, dgq_a8w4_fused=fused, speedup=ratios,
                speedup_fused=ratios_fused, seconds=time.time() - t0)
-    try:
-        from dgq.kernels import triton_a8w4 as T
+    from dgq.kernels import by_name
 
-        out["kernel_configs"] = {str(kk): str(c) for kk, c in T._TUNED.items()}
-        out["tuned_from"] = os.environ.get("DGQ_TRITON_TUNED")
-    except ImportError:
-        pass
+    tuner = by_name("triton").tuner  # the dispatch's Triton kernel: the configs it used (preloaded or tuned here)
+    out["kernel_configs"] = {str(kk): str(c) for kk, c in tuner.tuned.items()}
+    out["tuned_from"] = os.environ.get("DGQ_TRITON_TUNED")
+    out["tune_log"] = [[str(kk), v] for kk, v in tuner.log]
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "gpu_e2e.json"), "w") as f:
         json.dump(out, f, indent=1)

@@ -22,12 +22,12 @@ el() { echo "$(( $(date +%s) - T0 ))s"; }
   echo "== e2e (cap 90 s)"
   timeout -k 5 90 python3 benchmarks/gpu_e2e.py --out "$OUT"
   echo "e2e rc=$? at $(el)"
-  echo "== tests on the GPU, compiled kernels (v3/GEMV first, cap 55 s; then the rest, cap 60 s)"
-  SEL="v3_and_gemv or byte_simd"
+  echo "== tests on the GPU, compiled kernels (mma/GEMV first, cap 55 s; then the rest, cap 60 s)"
+  SEL="mma_and_gemv or byte_simd"
   export DGQ_TEST_LOG="$OUT/gpu_tests.jsonl"; rm -f "$DGQ_TEST_LOG"
   PYTHONPATH=src:benchmarks DGQ_TEST_TRITON_NATIVE=1 timeout -k 5 55 python3 -m pytest -q -p no:cacheprovider \
     -p gpu_pytest_live -rfE --tb=short -k "$SEL" tests/test_triton_kernel.py > "$OUT/gpu_tests.txt" 2>&1
-  echo "tests (v3) rc=$? at $(el)"; tail -3 "$OUT/gpu_tests.txt"
+  echo "tests (mma/gemv) rc=$? at $(el)"; tail -3 "$OUT/gpu_tests.txt"
   PYTHONPATH=src:benchmarks DGQ_TEST_TRITON_NATIVE=1 timeout -k 5 60 python3 -m pytest -q -p no:cacheprovider \
     -p gpu_pytest_live -rfE --tb=short -k "not ($SEL)" tests/test_triton_kernel.py >> "$OUT/gpu_tests.txt" 2>&1
   echo "tests (rest) rc=$? at $(el)"; tail -3 "$OUT/gpu_tests.txt"

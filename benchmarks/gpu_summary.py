@@ -40,7 +40,7 @@ def main():
     e2e = load(os.path.join(args.out, "gpu_e2e.json"))
     tests = tests_summary(args.out)
     summ = {"tests": tests}
-    cols = ["bf16", "int8", "tinygemm", "tri-int8", "v1", "v3", "dgq"]
+    cols = ["bf16", "int8", "tinygemm", "tri-int8", "dgq", "dgq+q"]
     if gemm:
         rows = gemm["rows"]
         pts = sorted({(r["n"], r["k"], r["m"]) for r in rows})
@@ -52,7 +52,7 @@ def main():
         summ["gemm"] = {"card": gemm["card"], "points": len(pts), "checks": len(gemm["checks"]),
                         "not_exact": bad, "tops": table, "tuned": gemm.get("tuned")}
         print(f"GEMM on {gemm['card']}: {len(gemm['checks']) - len(bad)}/{len(gemm['checks'])} points int32+output "
-              f"exact; TOP/s (dgq = dispatch-tuned best; v3 = best byte-SIMD/GEMV config)")
+              f"exact; TOP/s (dgq = dispatch-tuned best of the mma/GEMV configs; dgq+q with activation quantization)")
         print(f"{'point':22}" + "".join(f"{c:>9}" for c in cols) + f"{'dgq/tri':>9}{'dgq/int8':>9}{'dgq/bf16':>9}"
               f"{'dgq/tg':>8}")
         for key, d in table.items():
