@@ -50,7 +50,7 @@ def main():
             lin = torch.nn.Linear(k, n, bias=False)
             g = 128 if k % 128 == 0 else 64
             qw = rtn_quantize(lin.weight, g)
-            q = DGQLinear.from_tensors(qw.qweight, qw.zeros, qw.scales, qw.channel_scale, g)
+            q = DGQLinear.from_weight(qw)
             for m in MS:
                 xs = [torch.randn(m, k) for _ in range(4)]
                 q(xs[0])  # expands and caches the int8 weight once

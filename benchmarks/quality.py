@@ -34,9 +34,9 @@ ROWS = {
     "rtn": DGQConfig(method="rtn", group_size=G),
     "rtn-ceil": DGQConfig(method="rtn", group_size=G, s_int_rounding="ceil"),
     # DGQ-format (integer group scales) weight-only rows; the standard float-scale RTN W4A16 is in `dgq compare`
-    "rtn-w4a16": DGQConfig(method="rtn", group_size=G, weights_only=True, weight_format="dgq"),
+    "rtn-w4a16": DGQConfig(method="rtn", group_size=G, weights_only=True, format="dgq"),
     "rtn-ceil-w4a16": DGQConfig(method="rtn", group_size=G, weights_only=True, s_int_rounding="ceil",
-                                weight_format="dgq"),
+                                format="dgq"),
     # the ablation matrix: smoothing on/off x static/dynamic x phase 1 only / both phases
     "dgq-dyn": dgq_cfg("dynamic", smooth=True),
     "dgq-dyn-nosmooth": dgq_cfg("dynamic", smooth=False),
@@ -101,7 +101,7 @@ def main():
         r = dgq.perplexity(model, tok, test, seqlen=a.seqlen, max_tokens=a.max_tokens, progress=False)
         rec = {"row": row, "ppl": round(r["ppl"], 4), "quant_seconds": round(qs, 1), "peak_rss_mb": round(rss),
                "eval_seconds": r["elapsed_s"], "tokens": r["tokens"], "seqlen": a.seqlen,
-               "config": None if cfg is None else cfg.resolved().__dict__,
+               "config": None if cfg is None else dgq.methods.resolve(cfg).__dict__,
                "calibration": None if calib is None else {"windows": a.nsamples, "seqlen": a.calib_seqlen,
                                                           "text": "wikitext-2 valid.txt"}}
         log = (getattr(model, "dgq_config", None) or {}).get("calibration")

@@ -3,7 +3,7 @@ import torch
 
 import dgq
 from dgq import DGQConfig, DGQError, DGQLinear
-from dgq.api import quantizable_linears
+from dgq.arch import quantizable_linears
 from tiny import FAMILIES, make_tiny
 
 

@@ -8,8 +8,8 @@ import torch
 
 import dgq
 from dgq import DGQConfig, DGQError
-from dgq.api import quantizable_linears
-from dgq.arch import arch_for_config
+from dgq.api import validate_model
+from dgq.arch import arch_for_config, quantizable_linears
 from dgq.calib import calibrate
 from dgq.quant import smooth as sm
 from tiny import FAMILIES, make_tiny
@@ -46,8 +46,9 @@ def test_smoothing_folds_exactly(family):
     ids = torch.randint(0, 256, (4, 32))
     with torch.no_grad():
         ref = m(ids).logits
-    cfg = DGQConfig(method="dgq", smooth=True).resolved()
-    log = calibrate(m, arch_for_config(m.config), quantizable_linears(m), ids, cfg, None, progress=False)
+    cfg = dgq.methods.resolve(DGQConfig(method="dgq", smooth=True, group_size=32))
+    log = calibrate(m, arch_for_config(m.config), validate_model(m, cfg), ids, cfg, dgq.methods.get("dgq"),
+                    quantize=False, progress=False)
     assert sum(len(b["smoothed"]) for b in log["blocks"]) == 6  # norm->qkv, norm->mlp, up->down in both blocks
     with torch.no_grad():
         out = m(ids).logits

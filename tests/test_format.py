@@ -6,7 +6,9 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from dgq import DGQError
-from dgq import format as fmt
+from dgq.errors import check_finite
+from dgq.formats import dgq as fmt
+from dgq.formats import packing
 from dgq.quant.rtn import rtn_quantize
 
 
@@ -14,9 +16,9 @@ from dgq.quant.rtn import rtn_quantize
 def test_pack_unpack_round_trip(n, k, data):
     codes = data.draw(arrays(np.uint8, (n, k), elements=st.integers(0, 15)))
     c = torch.from_numpy(codes)
-    packed = fmt.pack_uint4(c)
+    packed = packing.pack_uint4(c)
     assert packed.shape == (n, k // 2) and packed.dtype == torch.uint8
-    assert torch.equal(fmt.unpack_uint4(packed), c)
+    assert torch.equal(packing.unpack_uint4(packed), c)
     # documented nibble order: low nibble = even column
     assert torch.equal(packed & 0xF, c[:, 0::2]) and torch.equal(packed >> 4, c[:, 1::2])
 
@@ -32,7 +34,7 @@ def test_expanded_weight_fits_int8(w, g, rounding, extreme_row, extreme):
     w[extreme_row, 0] = extreme  # one huge outlier in a row: s_ch large, tiny groups -> s_int = 1 saturations
     w[(extreme_row + 1) % 4] = 0.0  # an all-zero row
     qw = rtn_quantize(w, g, rounding=rounding)
-    q = fmt.unpack_uint4(qw.qweight).to(torch.int32).view(4, 64 // g, g)
+    q = packing.unpack_uint4(qw.qweight).to(torch.int32).view(4, 64 // g, g)
     w8 = (q - qw.zeros.to(torch.int32)[..., None]) * qw.scales.to(torch.int32)[..., None]
     assert int(w8.abs().max()) <= 127
     assert int(qw.scales.min()) >= 1 and 0 <= int(qw.zeros.min()) and int(qw.zeros.max()) <= 15
@@ -60,15 +62,15 @@ def test_gaussian_relative_error_g128(rounding):
 def test_group_size_refusal_names_layer_and_choices():
     with pytest.raises(DGQError, match=r"blk\.down: group size 128 does not divide its input size 576; "
                                        r"legal group sizes: .*64.*576"):
-        fmt.resolve_group_size(576, 128, "blk.down")
-    assert fmt.resolve_group_size(576, -1) == 576
+        packing.resolve_group_size(576, 128, "blk.down")
+    assert packing.resolve_group_size(576, -1) == 576
 
 
 def test_check_finite():
     w = torch.randn(4, 8)
     w[1, 2] = float("nan")
     with pytest.raises(DGQError, match="weight of x contains 1 NaN/Inf"):
-        fmt.check_finite(w, "weight of x")
+        check_finite(w, "weight of x")
 
 
 def test_denormal_rows_keep_valid_scales():

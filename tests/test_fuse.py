@@ -4,9 +4,9 @@ import pytest
 import torch
 
 import dgq
+from dgq.formats import QuantLinear
 from dgq.fuse import SiblingGroup, fuse_siblings, unfuse, why_not_fusable
 from dgq.kernels.cpu import CpuIntMMKernel
-from dgq.nn import QuantLinear
 from tiny import FAMILIES, make_tiny
 
 EXPECTED_GROUPS = {"phi3": 0, "opt": 2}  # per model: phi3 already has fused qkv/gate_up linears; opt has no gate/up

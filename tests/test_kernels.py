@@ -2,9 +2,9 @@ import pytest
 import torch
 
 from dgq import DGQError, DGQLinear
+from dgq.formats.act import quantize_per_token
 from dgq.kernels import by_name, explain, select
 from dgq.kernels.reference import int32_accumulate
-from dgq.formats.act import quantize_per_token
 from dgq.quant.rtn import rtn_quantize
 
 
@@ -13,8 +13,7 @@ def make_layer(n, k, g, bias=True, act_mode="dynamic", gen=None, act_scale=None)
     w[0, 0] = 0.7  # an outlier
     qw = rtn_quantize(w, g)
     b = torch.randn(n, generator=gen) if bias else None
-    return DGQLinear.from_tensors(qw.qweight, qw.zeros, qw.scales, qw.channel_scale, g, bias=b,
-                                  act_mode=act_mode, act_scale=act_scale), w
+    return DGQLinear.from_weight(qw, b, act_mode, act_scale), w
 
 
 @pytest.mark.parametrize("m", [1, 3, 16, 67, 128])
@@ -63,12 +62,12 @@ def test_dispatch_explains_and_forced_kernel(rng, monkeypatch):
     x = torch.randn(2, 64, generator=rng)
     assert select(layer, x).name == "cpu-int-mm"
     text = explain(layer, x)
-    assert "weight-only: refuses - layer quantizes its activations" in text
+    assert "weight-only: refuses - layer has dynamic int8 activations" in text
     assert "cpu-int-mm: ok" in text
     monkeypatch.setenv("DGQ_KERNEL", "reference")
     assert select(layer, x).name == "reference"
     monkeypatch.setenv("DGQ_KERNEL", "weight-only")
-    with pytest.raises(DGQError, match="cannot run DGQLinear.*layer quantizes its activations"):
+    with pytest.raises(DGQError, match="cannot run DGQLinear.*layer has dynamic int8 activations"):
         select(layer, x)
     monkeypatch.setenv("DGQ_KERNEL", "nope")
     with pytest.raises(DGQError, match="unknown kernel 'nope'"):
@@ -79,3 +78,60 @@ def test_zero_rows_are_finite(rng):
     layer, _ = make_layer(32, 64, 32, gen=rng)
     x = torch.zeros(3, 64)
     assert torch.isfinite(layer(x)).all()
+
+
+@pytest.mark.parametrize("forced", ["reference", "cpu-int-mm", "triton"])
+def test_forced_kernel_refuses_weight_only_layers(forced, rng, monkeypatch):
+    """A kernel forced on a layer it cannot run is an error, never a change of semantics: before the kernels
+    declared their activation modes, DGQ_KERNEL=reference quantized a weight-only layer's activations to int8."""
+    layer, _ = make_layer(32, 64, 32, act_mode="none", gen=rng)
+    x = torch.randn(4, 64, generator=rng)
+    monkeypatch.setenv("DGQ_KERNEL", forced)
+    with pytest.raises(DGQError, match=f"DGQ_KERNEL={forced} cannot run .*float activations"):
+        layer(x)
+    monkeypatch.delenv("DGQ_KERNEL")
+    torch.testing.assert_close(layer(x), x @ layer.dequantized_weight().T + layer.bias)
+
+
+def test_forced_kernel_refuses_other_formats(rng, monkeypatch):
+    from dgq.formats import W4A16Linear, W8A8Linear
+    from dgq.quant.peers import w4_rtn, w8_rtn
+
+    w = torch.randn(32, 64, generator=rng)
+    x = torch.randn(2, 64, generator=rng)
+    monkeypatch.setenv("DGQ_KERNEL", "weight-only")
+    with pytest.raises(DGQError, match="does not run w8a8 layers"):
+        W8A8Linear.from_weight(w8_rtn(w))(x)
+    monkeypatch.setenv("DGQ_KERNEL", "cpu-int-mm")
+    with pytest.raises(DGQError, match="does not run w4a16 layers"):
+        W4A16Linear.from_weight(w4_rtn(w, 32))(x)
+
+
+def test_every_layer_kind_gets_a_kernel_that_declares_it(rng):
+    from dgq.formats import FORMATS
+    from dgq.kernels import KERNELS, refusal
+
+    x = torch.randn(3, 128, generator=rng)
+    for cls in FORMATS.values():
+        for mode in cls.act_modes:
+            layer = cls(128, 16, 64, act_mode=mode)
+            k = select(layer, x)
+            assert layer.format in k.formats and mode in k.act_modes
+            for other in KERNELS:  # a kernel that declares neither the format nor the mode always refuses
+                if layer.format not in other.formats or mode not in other.act_modes:
+                    assert refusal(other, layer, x) is not None
+
+
+def test_quantize_warns_when_a_group_size_has_no_fast_gpu_kernel(caplog):
+    import dgq
+    from tiny import make_tiny
+
+    with caplog.at_level("WARNING", logger="dgq"):
+        dgq.quantize(make_tiny("llama", hidden_size=128, intermediate_size=256), dgq.DGQConfig(group_size=32),
+                     progress=False)
+    assert "group size 32 is not 64, 128 or 256" in caplog.text and "14 quantized layer(s)" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="dgq"):
+        dgq.quantize(make_tiny("llama", hidden_size=128, intermediate_size=256), dgq.DGQConfig(group_size=64),
+                     progress=False)
+    assert "no fast GPU kernel" not in caplog.text

@@ -5,12 +5,16 @@ import torch
 
 import dgq
 from dgq import DGQConfig, DGQError
-from dgq import format as fmt
-from dgq.api import dgq_gptq_weight, gptq_w4_weight
-from dgq.nn import DGQLinear, W4A16Linear, W8A8Linear
+from dgq.formats import DGQLinear, W4A16Linear, W8A8Linear
+from dgq.formats import dgq as fmt
+from dgq.formats.packing import unpack_uint4
+from dgq.formats.w4a16 import dequantize as w4_dequantize
+from dgq.methods import resolve
+from dgq.methods.dgq_gptq import dgq_gptq_weight
+from dgq.methods.gptq import gptq_w4_weight
 from dgq.quant.awq import awq_clip, awq_scales
 from dgq.quant.gptq import gptq_quantize
-from dgq.quant.peers import w4_dequantize, w4_fake, w4_rtn, w8_rtn
+from dgq.quant.peers import w4_fake, w4_rtn, w8_rtn
 from dgq.quant.search import hessian
 from dgq.quant.smooth import smoothquant_factors
 from tiny import make_tiny
@@ -68,7 +72,7 @@ def test_gptq_with_identity_hessian_is_rtn(rng):
         return s, z, torch.zeros_like(z), torch.full_like(z, 15)
 
     codes, _ = gptq_quantize(w, torch.eye(128), 64, find=find, damp=1e-6)
-    assert torch.equal(codes.to(torch.uint8), fmt.unpack_uint4(w4_rtn(w, 64).qweight))
+    assert torch.equal(codes.to(torch.uint8), unpack_uint4(w4_rtn(w, 64).qweight))
 
 
 def test_gptq_refuses_bad_hessian():
@@ -83,7 +87,7 @@ def test_dgq_gptq_codes_in_int8_safe_range_and_better(rng):
     cfg = DGQConfig(method="dgq-gptq", group_size=64, grid2=8, refine=2)
     qw, plain = dgq_gptq_weight(w, h, 64, cfg)
     lo, hi = fmt.safe_code_bounds(qw.zeros, qw.scales)
-    q = fmt.unpack_uint4(qw.qweight).view(w.shape[0], -1, 64).int()
+    q = unpack_uint4(qw.qweight).view(w.shape[0], -1, 64).int()
     assert bool(((q >= lo[..., None]) & (q <= hi[..., None])).all())
     assert int(fmt.expand_int8(qw.qweight, qw.zeros, qw.scales, 64).abs().max()) <= 127
     assert _out_err(x, w, qw.dequantize()) < 0.9 * _out_err(x, w, plain.dequantize())
@@ -170,18 +174,20 @@ def test_each_method_quantizes_saves_and_reloads(row, tmp_path):
     dgq.save(m, tmp_path / row)
     back = dgq.load(tmp_path / row)
     q = back.dgq_config
-    assert q["method"] == CONFIGS[row].method and q["weight_format"] == CONFIGS[row].storage_format
+    assert q["method"] == CONFIGS[row].method and q["format"] == resolve(CONFIGS[row]).format
     with torch.no_grad():
         assert torch.equal(back(ids).logits, out)
 
 
 def test_method_format_conflicts_are_refused():
-    for cfg, msg in [(DGQConfig(method="gptq", w_bits=8), "4 bits"),
+    for cfg, msg in [(DGQConfig(method="gptq", w_bits=8), "4-bit weights"),
                      (DGQConfig(method="smoothquant", weights_only=True), "weights_only"),
-                     (DGQConfig(method="dgq", weight_format="w4a16"), "DGQ format"),
+                     (DGQConfig(method="smoothquant", w_bits=4), "8-bit weights"),
+                     (DGQConfig(method="dgq", format="w4a16"), "writes the dgq format"),
+                     (DGQConfig(method="gptq", format="dgq"), "writes the w4a16 format"),
                      (DGQConfig(method="smoothquant", alpha=1.5), "alpha")]:
         with pytest.raises(DGQError, match=msg):
-            cfg.validate()
+            resolve(cfg)
 
 
 def test_w8a8_ignores_group_size_and_gptq_needs_calib():
@@ -198,8 +204,8 @@ def test_parse_methods():
     assert [n for n, _ in rows] == ["rtn-w4a16", "rtn-w4a8", "rtn-w8a8", "smoothquant:alpha=0.8",
                                     "gptq:act_order=true"]
     assert rows[3][1].alpha == 0.8 and rows[4][1].act_order is True and rows[0][1].group_size == 64
-    assert [c.storage_format for _, c in rows[:3]] == ["w4a16", "dgq", "w8a8"]
-    for bad, msg in [("nope", "unknown method"), ("gptq:foo=1", "unknown option"), ("gptq:damp=x", "number"),
+    assert [c.format for _, c in rows[:3]] == ["w4a16", "dgq", "w8a8"]
+    for bad, msg in [("nope", "unknown method"), ("gptq:foo=1", "unknown option"), ("gptq:damp=x", "needs a float"),
                      ("gptq:act_order", "field=value"), ("smoothquant:alpha=3", "alpha")]:
         with pytest.raises(DGQError, match=msg):
             parse_methods(bad, {})
@@ -239,22 +245,43 @@ def test_act_order_default_per_method():
     from dgq.cli import build_parser
     from dgq.compare import parse_methods
 
-    assert DGQConfig(method="dgq-gptq").resolved().act_order is True
-    assert DGQConfig(method="gptq").resolved().act_order is False
-    assert DGQConfig(method="dgq-gptq", act_order=False).resolved().act_order is False
-    assert DGQConfig(method="gptq", act_order=True).resolved().act_order is True
+    assert resolve(DGQConfig(method="dgq-gptq")).act_order is True
+    assert resolve(DGQConfig(method="gptq")).act_order is False
+    assert resolve(DGQConfig(method="dgq-gptq", act_order=False)).act_order is False
+    assert resolve(DGQConfig(method="gptq", act_order=True)).act_order is True
     with pytest.raises(DGQError, match="act_order"):
-        DGQConfig(act_order="yes").validate()
+        resolve(DGQConfig(act_order="yes"))
     p = build_parser()
     base = ["quantize", "m", "--out", "o"]
     assert p.parse_args(base).act_order is None
     assert p.parse_args(base + ["--no-act-order"]).act_order is False
     assert p.parse_args(base + ["--act-order"]).act_order is True
-    assert parse_methods("dgq-gptq:act_order=false", {})[0][1].resolved().act_order is False
+    assert parse_methods("dgq-gptq:act_order=false", {})[0][1].act_order is False
     # the token-weighted Hessian likewise: dgq-gptq's default, an option for gptq
-    assert DGQConfig(method="dgq-gptq").resolved().token_weighted is True
-    assert DGQConfig(method="gptq").resolved().token_weighted is False
+    assert resolve(DGQConfig(method="dgq-gptq")).token_weighted is True
+    assert resolve(DGQConfig(method="gptq")).token_weighted is False
     cfg = parse_methods("gptq:token_weighted=true", {"group_size": 32})[0][1]
     m = make_tiny("llama")
     dgq.quantize(m, cfg, calib=torch.randint(0, 256, (2, 16)), progress=False)
     assert m.dgq_config["recipe"]["token_weighted"] is True
+
+
+def test_method_spec_ignore_is_a_list_of_exact_module_names():
+    """``ignore`` in a method spec is a list (``+``-separated) of exact names. It used to reach DGQConfig as a
+    string, so ``name not in ignore`` was a substring test: a mistyped name silently skipped real layers."""
+    from dgq.compare import parse_methods
+    from dgq.formats import QuantLinear
+
+    spec = "rtn-w4a8:ignore=model.layers.0.mlp.down_proj+model.layers.1.self_attn.q_proj"
+    cfg = parse_methods(spec, {"group_size": 32})[0][1]
+    assert cfg.ignore == ("model.layers.0.mlp.down_proj", "model.layers.1.self_attn.q_proj")
+    m = make_tiny("llama")
+    dgq.quantize(m, cfg, progress=False)
+    assert not isinstance(m.model.layers[0].mlp.down_proj, QuantLinear)
+    assert not isinstance(m.model.layers[1].self_attn.q_proj, QuantLinear)
+    assert isinstance(m.model.layers[1].mlp.down_proj, QuantLinear)
+    typo = parse_methods("rtn-w4a8:ignore=xmodel.layers.0.mlp.down_proj", {"group_size": 32})[0][1]
+    with pytest.raises(DGQError, match="not a quantizable linear"):
+        dgq.quantize(make_tiny("llama"), typo, progress=False)
+    with pytest.raises(DGQError, match="sequence of full module names"):
+        resolve(DGQConfig(ignore="model.layers.0.mlp.down_proj"))

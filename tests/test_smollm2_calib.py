@@ -5,7 +5,7 @@ import torch
 
 import dgq
 from dgq import DGQConfig
-from dgq.api import quantizable_linears
+from dgq.api import validate_model
 from dgq.arch import arch_for_config
 from dgq.calib import calibrate, capture_block_inputs, collect_stats, run_block
 from dgq.data import calibration_windows, read_text, tokenize
@@ -28,8 +28,9 @@ def test_smoothing_keeps_the_function_on_real_blocks(smol):
         ref = model(ids).logits
     state = {k: v.clone() for k, v in model.state_dict().items()}
     try:
-        log = calibrate(model, arch_for_config(model.config), quantizable_linears(model), calib,
-                        DGQConfig(method="dgq", smooth=True).resolved(), None, progress=False)
+        cfg = dgq.methods.resolve(DGQConfig(method="dgq", smooth=True, group_size=64))
+        log = calibrate(model, arch_for_config(model.config), validate_model(model, cfg), calib, cfg,
+                        dgq.methods.get("dgq"), quantize=False, progress=False)
         assert sum(len(b["smoothed"]) for b in log["blocks"]) >= 60  # real outliers get folded
         with torch.no_grad():
             out = model(ids).logits
@@ -71,7 +72,8 @@ def test_dgq_beats_rtn_end_to_end(smol, smollm2_dir):
 
 def test_gptq_and_dgq_gptq_on_real_layers(smol):
     """Real SmolLM2 layers (block 3, full-token Hessian): GPTQ beats RTN W4, DGQ+GPTQ beats the DGQ search."""
-    from dgq.api import dgq_gptq_weight, gptq_w4_weight
+    from dgq.methods.dgq_gptq import dgq_gptq_weight
+    from dgq.methods.gptq import gptq_w4_weight
     from dgq.quant.peers import w4_rtn
 
     model, tok = smol

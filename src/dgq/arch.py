@@ -90,3 +90,19 @@ def get_blocks(model: nn.Module, arch: Arch) -> nn.ModuleList:
 
 def block_linears(block: nn.Module, arch: Arch) -> dict[str, nn.Module]:
     return {name: block.get_submodule(name) for name in arch.linears}
+
+
+def quantizable_linears(model: nn.Module) -> dict[str, nn.Module]:
+    """Full name -> module of every linear the architecture table says to quantize, in block order."""
+    arch = arch_for_config(model.config)
+    out = {}
+    for i, block in enumerate(get_blocks(model, arch)):
+        for rel, mod in block_linears(block, arch).items():
+            out[f"{arch.blocks}.{i}.{rel}"] = mod
+    return out
+
+
+def set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
+    """Replace ``root``'s submodule at the dotted ``name`` (relative to ``root``) by ``new``."""
+    parent, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, new)

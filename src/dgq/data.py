@@ -88,6 +88,15 @@ def windows(ids: torch.Tensor, seqlen: int, bos_id: int | None) -> torch.Tensor:
     return w
 
 
+def eval_ids(source: str, tokenizer, max_tokens: int | None = None) -> tuple[torch.Tensor, int | None]:
+    """What perplexity scores: the text's token ids (the first ``max_tokens``; None or 0 = all) and the BOS id each
+    window starts with (None when the tokenizer does not prepend BOS to a plain string)."""
+    ids = tokenize(read_text(source), tokenizer)
+    if max_tokens:
+        ids = ids[:max_tokens]
+    return ids, (tokenizer.bos_token_id if adds_bos(tokenizer) else None)
+
+
 def calibration_windows(source: str, tokenizer, nsamples: int, seqlen: int, seed: int = 0) -> torch.Tensor:
     """``[nsamples, seqlen]`` random windows of the text (fixed seed; same BOS rule as evaluation)."""
     ids = tokenize(read_text(source), tokenizer)

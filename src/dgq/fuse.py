@@ -27,11 +27,10 @@ from __future__ import annotations
 
 import threading
 
-import torch
 from torch import nn
 
 from .arch import arch_for_config, get_blocks
-from .nn import QuantLinear
+from .formats import QuantLinear
 
 
 def _version(x) -> int | None:
@@ -41,11 +40,6 @@ def _version(x) -> int | None:
         return None
 
 
-def _row_buffers(m: QuantLinear) -> list[str]:
-    """The buffers laid out one row per output feature (concatenated along dim 0 by fusion)."""
-    return [n for n, t in m._buffers.items() if t is not None and t.dim() >= 1 and t.shape[0] == m.out_features]
-
-
 def why_not_fusable(members: list) -> str | None:
     """None if ``members`` can run as one GEMM; otherwise the reason (one line)."""
     if len(members) < 2:
@@ -53,43 +47,24 @@ def why_not_fusable(members: list) -> str | None:
     m0 = members[0]
     if not isinstance(m0, QuantLinear):
         return f"{type(m0).__name__} is not a quantized linear"
-    rows0 = _row_buffers(m0)
+    rows0 = m0.row_buffers()
+    bufs0 = dict(m0.named_buffers(recurse=False))
     for m in members[1:]:
         if type(m) is not type(m0):
             return f"mixed formats ({type(m0).__name__}, {type(m).__name__})"
         for attr in ("in_features", "group_size", "act_mode"):
             if getattr(m, attr, None) != getattr(m0, attr, None):
                 return f"different {attr} ({getattr(m0, attr, None)} vs {getattr(m, attr, None)})"
-        if set(m._buffers) != set(m0._buffers) or _row_buffers(m) != rows0:
+        bufs = dict(m.named_buffers(recurse=False))
+        if set(bufs) != set(bufs0) or m.row_buffers() != rows0:
             return "different buffers (bias on some members only?)"
-        for name, t in m._buffers.items():
-            t0 = m0._buffers[name]
-            if t is None or t0 is None:
-                continue
+        for name, t in bufs.items():
+            t0 = bufs0[name]
             if t.dtype != t0.dtype or t.device != t0.device:
                 return f"{name} differs in dtype or device"
             if name not in rows0 and not (t.shape == t0.shape and bool((t == t0).all())):
                 return f"{name} differs between members (e.g. static activation scales calibrated apart)"
     return None
-
-
-def concat(members: list[QuantLinear]) -> QuantLinear:
-    """A new layer of the members' format whose output is ``cat([m(x) for m in members], -1)``."""
-    m0 = members[0]
-    fused = type(m0).__new__(type(m0))
-    nn.Module.__init__(fused)
-    for k, v in m0.__dict__.items():  # plain attributes (sizes, modes, name), not the Module internals
-        if k not in fused.__dict__ and k != "siblings":
-            fused.__dict__[k] = v
-    rows = _row_buffers(m0)
-    for name, t in m0._buffers.items():
-        if name in rows:
-            t = torch.cat([m._buffers[name] for m in members], 0)
-        fused.register_buffer(name, t)
-    fused.out_features = sum(m.out_features for m in members)
-    fused.kernel_cache = {}
-    fused.name = "+".join(m.name or "?" for m in members)
-    return fused
 
 
 class SiblingGroup:
@@ -105,13 +80,13 @@ class SiblingGroup:
         for m in members:
             self.spans.append((lo, lo + m.out_features))
             lo += m.out_features
+        self._rows = [m.row_buffers() for m in members]  # fixed by the format and sizes
         self.fused: QuantLinear | None = None
         self._ptrs: tuple = ()
         self._gen = 0  # bumped whenever the fused layer is dropped or rebuilt: kept outputs of older ones are stale
         self.clear()
         for i, m in enumerate(members):
-            m.__dict__["siblings"] = self
-            m.__dict__["sibling_index"] = i
+            m.siblings, m.sibling_index = self, i
 
     def clear(self) -> None:
         """Drop the kept input/output of this thread (its next call computes afresh)."""
@@ -138,16 +113,14 @@ class SiblingGroup:
         self.clear()
 
     def _current_ptrs(self) -> tuple:
-        return tuple(m._buffers[n].data_ptr() for m in self.members for n in _row_buffers(m))
+        return tuple(getattr(m, n).data_ptr() for m, rows in zip(self.members, self._rows, strict=True) for n in rows)
 
     def layer(self) -> QuantLinear:
         """The fused layer, (re)built when the members' tensors are not (any more) views of it."""
         if self.fused is None or self._current_ptrs() != self._ptrs:
-            fused = concat(self.members)
+            fused = type(self.members[0]).concat(self.members)
             for m, (lo, hi) in zip(self.members, self.spans, strict=True):
-                for n in _row_buffers(m):
-                    m._buffers[n] = fused._buffers[n][lo:hi]
-                m.kernel_cache = {}
+                m.use_rows_of(fused, lo, hi)
             self.fused, self._ptrs = fused, self._current_ptrs()
             self._gen += 1
             self.clear()
@@ -173,11 +146,10 @@ class SiblingGroup:
 
 def unfuse(model: nn.Module) -> int:
     """Detach every sibling group (members keep their current tensors and run alone again); returns how many."""
-    groups = {id(g): g for m in model.modules() if (g := m.__dict__.get("siblings")) is not None}
+    groups = {id(g): g for m in model.modules() if (g := getattr(m, "siblings", None)) is not None}
     for g in groups.values():
         for m in g.members:
-            m.__dict__.pop("siblings", None)
-            m.__dict__.pop("sibling_index", None)
+            del m.siblings, m.sibling_index  # back to the class defaults (no group)
             m.kernel_cache = {}
         g.invalidate()
     return len(groups)
@@ -199,9 +171,9 @@ def fuse_siblings(model: nn.Module) -> list[tuple[list[str], str | None]]:
             dsts = [d for d in sm.dsts if isinstance(block.get_submodule(d), QuantLinear)]
             names = [f"{arch.blocks}.{bi}.{d}" for d in dsts]
             members = [block.get_submodule(d) for d in dsts]
-            if any(m.__dict__.get("siblings") is not None for m in members):
-                report.append((names, None) if all(m.__dict__.get("siblings") is members[0].siblings
-                                                   for m in members) else (names, "already in another group"))
+            if any(m.siblings is not None for m in members):
+                report.append((names, None) if all(m.siblings is members[0].siblings for m in members)
+                              else (names, "already in another group"))
                 continue
             why = why_not_fusable(members)
             if why is None:

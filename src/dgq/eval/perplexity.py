@@ -13,7 +13,7 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from ..data import adds_bos, read_text, tokenize, windows
+from ..data import eval_ids, windows
 from ..errors import DGQError
 
 
@@ -38,10 +38,7 @@ def perplexity(model, tokenizer, text: str, seqlen: int = 1024, max_tokens: int 
                progress: bool = True) -> dict:
     """``text`` is a corpus name (``lambada``, ``squad-wiki``) or a file path. Returns a dict with ``ppl``."""
     t0 = time.perf_counter()
-    ids = tokenize(read_text(text), tokenizer)
-    if max_tokens:
-        ids = ids[:max_tokens]
-    bos = tokenizer.bos_token_id if adds_bos(tokenizer) else None
+    ids, bos = eval_ids(text, tokenizer, max_tokens)
     out = perplexity_of_ids(model, ids, seqlen, bos, progress)
     out.update({"tokens": int(ids.numel()), "seqlen": seqlen, "text": text, "bos": bos is not None,
                 "elapsed_s": round(time.perf_counter() - t0, 2)})

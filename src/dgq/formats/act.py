@@ -1,4 +1,4 @@
-"""Symmetric int8 activation quantization (dgq-method.md §5). Inputs are never modified."""
+"""Symmetric int8 activation quantization (docs/method.md §5). Inputs are never modified."""
 
 from __future__ import annotations
 

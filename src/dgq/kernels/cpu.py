@@ -15,6 +15,7 @@ from ..formats.act import epilogue
 class CpuIntMMKernel:
     name = "cpu-int-mm"
     formats = ("dgq", "w8a8")
+    act_modes = ("dynamic", "static")
 
     def refuse(self, layer, x: torch.Tensor) -> str | None:
         if x.device.type != "cpu":

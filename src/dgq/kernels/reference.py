@@ -19,6 +19,7 @@ def int32_accumulate(x8: torch.Tensor, w8: torch.Tensor) -> torch.Tensor:
 class ReferenceKernel:
     name = "reference"
     formats = ("dgq", "w8a8")
+    act_modes = ("dynamic", "static")
 
     def refuse(self, layer, x: torch.Tensor) -> str | None:
         return None  # runs everywhere, slowly

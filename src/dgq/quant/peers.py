@@ -1,29 +1,17 @@
-"""The peer formats' quantizers as pure functions of tensors: the standard asymmetric group-wise 4-bit format
-(GPTQ/AWQ/RTN W4A16: float16 group scales, integer zero points) and per-channel symmetric int8 (W8A8).
+"""The peer formats' data-free quantizers as pure functions of tensors: the standard asymmetric group-wise 4-bit
+format (GPTQ/AWQ/RTN W4A16: float16 group scales, integer zero points; containers in :mod:`dgq.formats.w4a16`) and
+per-channel symmetric int8 (W8A8, :mod:`dgq.formats.w8a8`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from .. import format as fmt
+from ..formats.packing import CODE_MAX, INT8_MAX, pack_uint4
+from ..formats.w4a16 import W4Weight
+from ..formats.w8a8 import W8Weight
 
-QMAX4 = 15
-
-
-@dataclass
-class W4Weight:
-    """Standard W4 (asymmetric, group-wise): ``W_hat = scale * (q - zero)``, scale float16 ``[N, G]``."""
-
-    qweight: torch.Tensor  # uint8 [N, K/2], low nibble first (the same packing as DGQ)
-    scales: torch.Tensor  # float16 [N, G]
-    zeros: torch.Tensor  # uint8 [N, G], 0..15
-    group_size: int
-
-    def dequantize(self, dtype=torch.float32) -> torch.Tensor:
-        return w4_dequantize(self.qweight, self.scales, self.zeros, self.group_size, dtype)
+QMAX4 = CODE_MAX
 
 
 def w4_params(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -46,7 +34,7 @@ def w4_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.
 
 def w4_pack(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int) -> W4Weight:
     n = codes.shape[0]
-    return W4Weight(fmt.pack_uint4(codes.reshape(n, -1)), scale.half().contiguous(), zero.to(torch.uint8).contiguous(),
+    return W4Weight(pack_uint4(codes.reshape(n, -1)), scale.half().contiguous(), zero.to(torch.uint8).contiguous(),
                     group_size)
 
 
@@ -58,13 +46,6 @@ def w4_rtn(w: torch.Tensor, group_size: int) -> W4Weight:
     return w4_pack(w4_codes(wg, scale, zero), scale, zero, group_size)
 
 
-def w4_dequantize(qweight, scales, zeros, group_size: int, dtype=torch.float32) -> torch.Tensor:
-    q = fmt.unpack_uint4(qweight).float()
-    n, k = q.shape
-    w = (q.view(n, k // group_size, group_size) - zeros.float()[..., None]) * scales.float()[..., None]
-    return w.view(n, k).to(dtype)
-
-
 def w4_fake(w: torch.Tensor, group_size: int) -> torch.Tensor:
     """``dequantize(w4_rtn(w))`` without packing (for searches)."""
     n, k = w.shape
@@ -73,20 +54,9 @@ def w4_fake(w: torch.Tensor, group_size: int) -> torch.Tensor:
     return ((w4_codes(wg, scale, zero) - zero[..., None]) * scale[..., None]).view(n, k)
 
 
-@dataclass
-class W8Weight:
-    """Per-output-channel symmetric int8: ``W_hat = scale[n] * w8``, w8 in -127..127."""
-
-    weight: torch.Tensor  # int8 [N, K]
-    scale: torch.Tensor  # float32 [N]
-
-    def dequantize(self, dtype=torch.float32) -> torch.Tensor:
-        return (self.weight.float() * self.scale[:, None]).to(dtype)
-
-
 def w8_rtn(w: torch.Tensor) -> W8Weight:
     absmax = w.float().abs().amax(-1)
-    scale = absmax / fmt.INT8_MAX
+    scale = absmax / INT8_MAX
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # zero rows, and denormal rows that underflow
-    w8 = torch.round(w.float() / scale[:, None]).clamp(-fmt.INT8_MAX, fmt.INT8_MAX).to(torch.int8)
+    w8 = torch.round(w.float() / scale[:, None]).clamp(-INT8_MAX, INT8_MAX).to(torch.int8)
     return W8Weight(w8, scale.float().contiguous())

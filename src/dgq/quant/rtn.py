@@ -5,23 +5,10 @@ A pure function of the weight; returns the packed format tensors.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from .. import format as fmt
-
-
-@dataclass
-class QuantizedWeight:
-    qweight: torch.Tensor  # uint8 [N, K/2]
-    zeros: torch.Tensor  # int8 [N, G]
-    scales: torch.Tensor  # int8 [N, G]
-    channel_scale: torch.Tensor  # float32 [N]
-    group_size: int
-
-    def dequantize(self, dtype=torch.float32) -> torch.Tensor:
-        return fmt.dequantize(self.qweight, self.zeros, self.scales, self.channel_scale, self.group_size, dtype)
+from ..formats.dgq import DGQWeight, quantize_codes
+from ..formats.packing import CODE_MAX, INT8_MAX, pack_uint4
 
 
 def group_minmax(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -33,21 +20,21 @@ def group_minmax(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.
 
 def pack_from_scales(
     w: torch.Tensor, channel_scale: torch.Tensor, s_int: torch.Tensor, wmin: torch.Tensor, group_size: int
-) -> QuantizedWeight:
+) -> DGQWeight:
     """Zero points from the executed step ``s_ch * s_int`` and the group minimum; codes in the int8-safe range."""
-    s_int = torch.nan_to_num(s_int, nan=1.0).clamp(1, fmt.INT8_MAX).to(torch.int8)
+    s_int = torch.nan_to_num(s_int, nan=1.0).clamp(1, INT8_MAX).to(torch.int8)
     step = channel_scale.float()[:, None] * s_int.float()
-    zeros = torch.round(-wmin / step).clamp(0, fmt.CODE_MAX).to(torch.int8)
-    codes = fmt.quantize_codes(w, channel_scale, s_int, zeros, group_size)
-    return QuantizedWeight(fmt.pack_uint4(codes), zeros, s_int, channel_scale.float().contiguous(), group_size)
+    zeros = torch.round(-wmin / step).clamp(0, CODE_MAX).to(torch.int8)
+    codes = quantize_codes(w, channel_scale, s_int, zeros, group_size)
+    return DGQWeight(pack_uint4(codes), zeros, s_int, channel_scale.float().contiguous(), group_size)
 
 
-def rtn_quantize(w: torch.Tensor, group_size: int, rounding: str = "round") -> QuantizedWeight:
+def rtn_quantize(w: torch.Tensor, group_size: int, rounding: str = "round") -> DGQWeight:
     """RTN scales for ``w [N, K]`` (``group_size`` must divide K; already resolved)."""
     wmin, wmax = group_minmax(w, group_size)
-    s_group = (wmax - wmin) / fmt.CODE_MAX
+    s_group = (wmax - wmin) / CODE_MAX
     absmax = w.float().abs().amax(-1)
-    s_ch = absmax / fmt.INT8_MAX
+    s_ch = absmax / INT8_MAX
     s_ch = torch.where(s_ch > 0, s_ch, torch.ones_like(s_ch))  # all-zero rows, and denormal ones whose /127 underflows
     ratio = s_group / s_ch[:, None]
     s_int = torch.ceil(ratio) if rounding == "ceil" else torch.round(ratio)

@@ -1,4 +1,4 @@
-"""DGQ's two-phase grid search for the dual-grained scales (dgq-method.md §3), vectorised over channels and
+"""DGQ's two-phase grid search for the dual-grained scales (docs/method.md §3), vectorised over channels and
 groups, as pure functions of the weight and the calibration statistics ``H = XᵀX / T``.
 
 Phase 1 (fine grain): per (channel, group), shrink the group's [min, max] by r over ``grid1`` ratios and keep the
@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import torch
 
-from .. import format as fmt
-from .rtn import QuantizedWeight, group_minmax, rtn_quantize
+from ..formats.dgq import DGQWeight, quantize_codes
+from ..formats.packing import CODE_MAX, INT8_MAX, pack_uint4
+from .rtn import group_minmax, rtn_quantize
 
 EPS = 1e-10
 
@@ -54,9 +55,9 @@ def phase1(w: torch.Tensor, h: torch.Tensor, g: int, grid: torch.Tensor | None =
     best_z = torch.zeros(n, k // g)
     for r in grid.tolist():
         lo, hi = r * wmin, r * wmax
-        s = ((hi - lo) / fmt.CODE_MAX).clamp_min(EPS)
-        z = torch.round(-lo / s).clamp(0, fmt.CODE_MAX)
-        q = torch.clamp(torch.round(wg / s[..., None]) + z[..., None], 0, fmt.CODE_MAX)
+        s = ((hi - lo) / CODE_MAX).clamp_min(EPS)
+        z = torch.round(-lo / s).clamp(0, CODE_MAX)
+        q = torch.clamp(torch.round(wg / s[..., None]) + z[..., None], 0, CODE_MAX)
         d = wg - s[..., None] * (q - z[..., None])
         dt = d.transpose(0, 1)  # [G, N, g]: one batched matmul per group block of H
         err = (torch.bmm(dt, hg) * dt).sum(-1).T.contiguous()
@@ -70,14 +71,14 @@ def phase1(w: torch.Tensor, h: torch.Tensor, g: int, grid: torch.Tensor | None =
 def _requantize(w, absmax, s_group, z, g, r, rounding):
     """Candidate clip ratios ``r [N]`` -> ``(w_hat, s_int)`` in the executed int8-safe format."""
     n, k = w.shape
-    s_ch = r * absmax / fmt.INT8_MAX
+    s_ch = r * absmax / INT8_MAX
     ratio = s_group / s_ch[:, None]
-    s_int = (torch.ceil(ratio) if rounding == "ceil" else torch.round(ratio)).clamp(1, fmt.INT8_MAX)
+    s_int = (torch.ceil(ratio) if rounding == "ceil" else torch.round(ratio)).clamp(1, INT8_MAX)
     step = s_ch[:, None] * s_int
     lim = (r * absmax)[:, None]
     wc = torch.maximum(torch.minimum(w, lim), -lim).view(n, k // g, g)
-    m = torch.floor(fmt.INT8_MAX / s_int)
-    lo, hi = (z - m).clamp_min(0), (z + m).clamp_max(fmt.CODE_MAX)
+    m = torch.floor(INT8_MAX / s_int)
+    lo, hi = (z - m).clamp_min(0), (z + m).clamp_max(CODE_MAX)
     q = torch.round(wc / step[..., None]) + z[..., None]
     q = torch.maximum(torch.minimum(q, hi[..., None]), lo[..., None])
     return (step[..., None] * (q - z[..., None])).reshape(n, k), s_int
@@ -117,7 +118,7 @@ def phase2(w: torch.Tensor, h: torch.Tensor, s_group: torch.Tensor, z: torch.Ten
             off = step * j / (refine + 1)
             for sign in (-1.0, 1.0):
                 consider((center + sign * off).clamp(0.05, 1.0))
-    return best_r * absmax / fmt.INT8_MAX, best_sint, best, best_r
+    return best_r * absmax / INT8_MAX, best_sint, best, best_r
 
 
 def output_error(w: torch.Tensor, w_hat: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
@@ -128,7 +129,7 @@ def output_error(w: torch.Tensor, w_hat: torch.Tensor, h: torch.Tensor) -> torch
 
 def dgq_search(w: torch.Tensor, h: torch.Tensor, g: int, phase2_enabled: bool = True,
                grid1: torch.Tensor | None = None, grid2: torch.Tensor | None = None,
-               roundings: tuple[str, ...] = ("round", "ceil"), refine: int = 0) -> QuantizedWeight:
+               roundings: tuple[str, ...] = ("round", "ceil"), refine: int = 0) -> DGQWeight:
     """Both phases; with ``phase2_enabled=False`` the coarse scale is the data-free ``max|W_row|/127`` and
     ``s_int = round(s_group / s_ch)`` (phase 1 only)."""
     s_group, z = phase1(w, h, g, grid1)
@@ -139,12 +140,12 @@ def dgq_search(w: torch.Tensor, h: torch.Tensor, g: int, phase2_enabled: bool = 
     zeros = z.to(torch.int8)
     s_int8 = s_int.to(torch.int8)
     lim = (r * w.float().abs().amax(1))[:, None]
-    codes = fmt.quantize_codes(torch.maximum(torch.minimum(w.float(), lim), -lim), s_ch, s_int8, zeros, g)
-    best = QuantizedWeight(fmt.pack_uint4(codes), zeros, s_int8, s_ch.float().contiguous(), g)
+    codes = quantize_codes(torch.maximum(torch.minimum(w.float(), lim), -lim), s_ch, s_int8, zeros, g)
+    best = DGQWeight(pack_uint4(codes), zeros, s_int8, s_ch.float().contiguous(), g)
     return keep_best_per_channel(w, h, [best] + [rtn_quantize(w, g, rounding=m) for m in ("round", "ceil")])
 
 
-def keep_best_per_channel(w: torch.Tensor, h: torch.Tensor, candidates: list[QuantizedWeight]) -> QuantizedWeight:
+def keep_best_per_channel(w: torch.Tensor, h: torch.Tensor, candidates: list[DGQWeight]) -> DGQWeight:
     """Per output channel, the candidate with the lowest full output error (all of a channel's tensors are per
     channel, so mixing channels is valid). Guarantees the search is never worse than data-free RTN."""
     errs = torch.stack([output_error(w, c.dequantize(), h) for c in candidates])  # [C, N]
@@ -155,4 +156,4 @@ def keep_best_per_channel(w: torch.Tensor, h: torch.Tensor, candidates: list[Qua
         stacked = torch.stack([getattr(c, name) for c in candidates])
         idx = pick.view(1, -1, *([1] * (stacked.ndim - 2))).expand(1, *stacked.shape[1:])
         fields[name] = stacked.gather(0, idx)[0].contiguous()
-    return QuantizedWeight(group_size=out.group_size, **fields)
+    return DGQWeight(group_size=out.group_size, **fields)

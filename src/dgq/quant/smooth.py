@@ -1,4 +1,4 @@
-"""Percentile-clipping smoothing (dgq-method.md §4) as pure functions of tensors.
+"""Percentile-clipping smoothing (docs/method.md §4) as pure functions of tensors.
 
 Only the top ~0.5% outlier input channels are scaled down to a baseline (the ⌊0.005·C + 1.5⌋-th largest per-channel
 absmax); no alpha, no weight term. Folding is exact: the source (a norm, or a linear whose output feeds the

@@ -1,0 +1,109 @@
+"""``DGQConfig``: what to quantize and how, as plain data. The method registry (:mod:`dgq.methods`) sits above it:
+``dgq.methods.resolve(config)`` checks a config against its method and fills the defaults that depend on it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .errors import DGQError
+from .formats import FORMATS
+
+
+@dataclass
+class DGQConfig:
+    """What to quantize and how.
+
+    method: a registered method (``dgq.methods.names()``): ``rtn`` (data-free), ``smoothquant`` (W8A8, α-smoothing
+        folded into the norms), ``gptq`` (W4A16, Hessian error compensation), ``awq`` (W4A16, activation-aware
+        scales and clipping), ``dgq`` (DGQ A8W4: percentile smoothing and the two-phase scale search, block by
+        block) or ``dgq-gptq`` (DGQ's grid, then GPTQ picks the codes). All but ``rtn`` need ``calib``.
+    format: the storage format (``dgq``, ``w4a16``, ``w8a8``); None = the method's (rtn: dgq, or w4a16 with
+        ``weights_only``, or w8a8 with ``w_bits=8``).
+    w_bits: weight bits; None = the format's. 8 selects W8A8 for ``rtn``.
+    alpha: SmoothQuant's migration strength. act_order / damp / block_size: GPTQ's knobs (act-order uses static
+        groups; None = the method's default: on for dgq-gptq, which it improves, off for gptq, as published).
+        awq_grid: AWQ's α grid (and clip grid) size. token_weighted: fit GPTQ to the mean per-token relative error
+        (every calibration token scaled to unit norm in the Hessian) instead of the plain squared error, which a few
+        massive-activation tokens dominate; None = on for dgq-gptq (its GPTQ step), off for gptq (the published
+        Hessian) and dgq (its search: 24.60 vs 24.18 ppl with it, benchmarks/README.md).
+    group_size: along K; must divide every quantized layer's input size (-1 = one group per row).
+    act: ``dynamic`` (per-token absmax, default) or ``static`` (per-tensor, from calibration data).
+    weights_only: keep float activations (A16W4) in the same storage format.
+    s_int_rounding: how rtn rounds ``s_group / s_ch`` (``round`` as in the paper/release, or ``ceil``).
+    ignore: full module names not to quantize (each must name a quantizable linear).
+    smooth: True, False or ``"selective"`` (keep a fold only where it lowers the consumers' quantized output error);
+        None = the method's default for the activation mode.
+    search / phase2: the parts of ``dgq`` (``--no-search``, ``--phase1-only``).
+    search_tokens: calibration tokens sub-sampled for the search objectives (spread over all windows).
+    grid1 / grid2: grid sizes of search phases 1 and 2 (phase 2 spans 1.0 -> 0.2 as in the release); refine: finer
+        phase-2 ratios tried on each side of every channel's best (2·refine more candidates), so 16 + 8 ratios cover
+        the release's 80-point resolution at a third of the cost.
+    """
+
+    method: str = "rtn"
+    group_size: int = 128
+    act: str = "dynamic"
+    weights_only: bool = False
+    s_int_rounding: str = "round"
+    seed: int = 0
+    ignore: tuple[str, ...] = field(default_factory=tuple)
+    smooth: bool | str | None = None
+    search: bool = True
+    phase2: bool = True
+    search_tokens: int = 4096
+    grid1: int = 20
+    grid2: int = 16
+    refine: int = 4
+    w_bits: int | None = None
+    format: str | None = None
+    alpha: float = 0.5
+    act_order: bool | None = None
+    damp: float = 0.01
+    block_size: int = 128
+    awq_grid: int = 20
+    token_weighted: bool | None = None
+
+    def check_fields(self) -> None:
+        """Field-level checks that need no method (the method's own come from ``dgq.methods.resolve``)."""
+        if self.w_bits not in (None, 4, 8):
+            raise DGQError(f"w_bits must be 4 or 8, got {self.w_bits}")
+        if self.format not in (None, *FORMATS):
+            raise DGQError(f"unknown format {self.format!r}; choose one of: {', '.join(FORMATS)}")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise DGQError(f"smoothquant alpha must lie in [0, 1], got {self.alpha}")
+        for knob in ("act_order", "token_weighted"):
+            if getattr(self, knob) not in (None, True, False):
+                raise DGQError(f"{knob} must be true, false or unset, got {getattr(self, knob)!r}")
+        if not 0.0 < self.damp < 1.0:
+            raise DGQError(f"GPTQ damp must lie in (0, 1), got {self.damp}")
+        if self.block_size < 1 or self.awq_grid < 1:
+            raise DGQError("block_size and awq_grid must be positive")
+        if self.act not in ("dynamic", "static"):
+            raise DGQError(f"unknown activation mode {self.act!r}; choose dynamic or static")
+        if self.s_int_rounding not in ("round", "ceil"):
+            raise DGQError(f"s_int_rounding must be round or ceil, got {self.s_int_rounding!r}")
+        if self.smooth not in (None, True, False, "selective"):
+            raise DGQError(f"smooth must be true, false or 'selective', got {self.smooth!r}")
+        if self.group_size == 0 or self.group_size < -1:
+            raise DGQError(f"group size must be positive or -1 (per-channel), got {self.group_size}")
+        if isinstance(self.ignore, str) or not all(isinstance(n, str) for n in self.ignore):
+            raise DGQError(f"ignore must be a sequence of full module names, got {self.ignore!r}")
+        if self.search_tokens < 1 or self.grid1 < 1 or self.grid2 < 1 or self.refine < 0:
+            raise DGQError("search_tokens, grid1 and grid2 must be positive and refine non-negative")
+
+    # -- derived from a resolved config (format filled in) ----------------------------------------------------
+    @property
+    def layer_class(self):
+        if self.format is None:
+            raise DGQError("this config is not resolved (dgq.methods.resolve fills in its format)")
+        return FORMATS[self.format]
+
+    @property
+    def act_mode(self) -> str:
+        """``none`` (float activations) for weight-only and for formats without int8 activations, else ``act``."""
+        return "none" if self.weights_only or self.layer_class.act_modes == ("none",) else self.act
+
+    @property
+    def bits(self) -> tuple[int, int]:
+        """(weight bits, activation bits) as written."""
+        return self.layer_class.w_bits, (16 if self.act_mode == "none" else 8)
