@@ -135,3 +135,27 @@ def test_quantize_warns_when_a_group_size_has_no_fast_gpu_kernel(caplog):
         dgq.quantize(make_tiny("llama", hidden_size=128, intermediate_size=256), dgq.DGQConfig(group_size=64),
                      progress=False)
     assert "no fast GPU kernel" not in caplog.text
+
+
+@pytest.mark.parametrize("strategy", ["int_mm", "fp32-exact"])
+@pytest.mark.parametrize("k", [64, 1024, 2304])
+def test_cpu_strategies_are_exact(strategy, k, rng, monkeypatch):
+    """Both CPU int32 products are bitwise the reference, at the extremes (±127 everywhere, K past one chunk)."""
+    from dgq.kernels.cpu import CpuIntMMKernel
+
+    monkeypatch.setenv("DGQ_CPU_INT8", strategy)
+    kern = CpuIntMMKernel()
+    assert kern.strategy == strategy
+    layer, _ = make_layer(48, k, 64, gen=rng)
+    x = torch.randn(5, k, generator=rng)
+    x[0] = 3.0  # a row that quantizes to +127 everywhere
+    x8, _ = quantize_per_token(x)
+    w8 = layer.int8_weight()
+    assert torch.equal(kern.int32_product(layer, x8), int32_accumulate(x8, w8))
+    big = torch.full((2, k), 127, dtype=torch.int8)
+    big[1] = -127
+    worst = DGQLinear(k, 3, 64)  # all-zero codes and zero point 15 with s_int 8: every weight -120
+    worst.zeros.fill_(15)
+    worst.scales.fill_(8)
+    assert torch.equal(kern.int32_product(worst, big), int32_accumulate(big, worst.int8_weight()))
+    torch.testing.assert_close(kern.forward(layer, x), by_name("reference").forward(layer, x), rtol=0, atol=0)
