@@ -18,7 +18,8 @@ def ckpt(tiny_llama, tmp_path):
 def test_config_carries_quantization_config(ckpt):
     path, model = ckpt
     q = json.loads((path / "config.json").read_text())["quantization_config"]
-    assert q["quant_method"] == "dgq" and q["format_version"] == 1 and q["group_size"] == 32
+    assert q["quant_method"] == "dgq" and q["format_version"] == 2 and q["group_size"] == 32
+    assert q["checksums"]["model.safetensors"].startswith("sha256:")
     assert q["act"] == "dynamic" and len(q["modules"]) == 14
     assert not list(path.parent.glob(".ckpt.tmp-*"))
 
@@ -32,8 +33,10 @@ def _rewrite(path, fn):
 def test_missing_tensor(ckpt):
     path, _ = ckpt
     _rewrite(path, lambda t: t.pop("model.layers.1.mlp.down_proj.scales"))
-    with pytest.raises(DGQError, match="tensor model.layers.1.mlp.down_proj.scales is missing"):
+    with pytest.raises(DGQError, match="does not match the checksum"):
         dgq.load(path)
+    with pytest.raises(DGQError, match="tensor model.layers.1.mlp.down_proj.scales is missing"):
+        dgq.load(path, verify=False)
 
 
 def test_wrong_shape(ckpt):
@@ -41,7 +44,7 @@ def test_wrong_shape(ckpt):
     bad = torch.zeros(3, 3, dtype=torch.int8)
     _rewrite(path, lambda t: t.__setitem__("model.layers.0.self_attn.q_proj.zeros", bad))
     with pytest.raises(DGQError, match=r"model.layers.0.self_attn.q_proj.zeros has shape \(3, 3\)"):
-        dgq.load(path)
+        dgq.load(path, verify=False)
 
 
 def test_newer_format_version(ckpt):
@@ -50,15 +53,17 @@ def test_newer_format_version(ckpt):
     cfg["quantization_config"]["format_version"] = 99
     (path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(DGQError, match="format version 99, newer than this dgq reads"):
-        dgq.load(path)
+        dgq.load(path, verify=False)
 
 
 def test_corrupt_weights_file(ckpt):
     path, _ = ckpt
     data = (path / WEIGHTS).read_bytes()
     (path / WEIGHTS).write_bytes(data[: len(data) // 2])
-    with pytest.raises(DGQError, match="is unreadable"):
+    with pytest.raises(DGQError, match="does not match the checksum"):
         dgq.load(path)
+    with pytest.raises(DGQError, match="is unreadable"):
+        dgq.load(path, verify=False)
 
 
 def test_corrupt_codes_detected(ckpt):
@@ -70,7 +75,7 @@ def test_corrupt_codes_detected(ckpt):
         t["model.layers.0.mlp.up_proj.zeros"][0, 0] = 0
     _rewrite(path, bad)
     with pytest.raises(DGQError, match="outside the int8-safe range"):
-        dgq.load(path)
+        dgq.load(path, verify=False)
 
 
 def test_not_a_checkpoint(tmp_path):

@@ -9,7 +9,8 @@ swapped. Everything is validated before the first module is touched, so a bad in
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -17,7 +18,7 @@ from tqdm.auto import tqdm
 
 from . import kernels, methods
 from .arch import arch_for_config, quantizable_linears, set_submodule
-from .calib import calibrate, static_act_stats
+from .calib import calibrate, make_layers, static_act_stats
 from .checkpoint import build_quantization_config
 from .config import DGQConfig
 from .errors import DGQError, check_finite
@@ -34,27 +35,56 @@ class Target:
     group_size: int
 
 
-def validate_model(model: nn.Module, config: DGQConfig) -> dict[str, Target]:
-    """Check every target before changing anything (type, group size, finite weights); ``config`` resolved."""
+AUTO_GROUP_SIZES = (128, 64)  # tried in order when the group size is not given (the GPU kernel runs 64/128/256)
+
+
+def auto_group_size(ks: list[int]) -> int:
+    """128 if it divides every input size in ``ks``, else 64, else the largest size below 128 that divides all."""
+    common = math.gcd(*ks)
+    for g in AUTO_GROUP_SIZES:
+        if common % g == 0:
+            return g
+    return max(d for d in range(1, min(common, 128) + 1) if common % d == 0)
+
+
+def plan(model: nn.Module, config: DGQConfig) -> tuple[DGQConfig, dict[str, Target]]:
+    """Check every target before changing anything (type, finite weights) and fix the group size (chosen when the
+    resolved ``config`` leaves it None). Returns the config with its group size and the targets."""
     linears = quantizable_linears(model)
     unknown = [n for n in config.ignore if n not in linears]
     if unknown:
         raise DGQError(f"ignore names {unknown[0]!r}, which is not a quantizable linear of this model "
                        f"(e.g. {next(iter(linears))})")
-    targets = {}
-    for name, mod in linears.items():
-        if name in config.ignore:
-            continue
+    mods = {n: m for n, m in linears.items() if n not in config.ignore}
+    if not mods:
+        raise DGQError("nothing to quantize: every quantizable linear is in ignore")
+    for name, mod in mods.items():
         if isinstance(mod, QuantLinear):
             raise DGQError(f"{name} is already quantized; load the original model to quantize again")
         if not isinstance(mod, nn.Linear):
             raise DGQError(f"{name} is a {type(mod).__name__}, expected nn.Linear")
+    ks = [m.in_features for m in mods.values()]
+    if config.group_size is None:
+        config = replace(config, group_size=auto_group_size(ks))
+    elif config.layer_class.grouped and config.group_size != -1 and any(k % config.group_size for k in ks):
+        name, k = next((n, m.in_features) for n, m in mods.items() if m.in_features % config.group_size)
+        common = math.gcd(*ks)
+        legal = ", ".join(str(d) for d in range(8, common + 1) if common % d == 0) or str(common)
+        raise DGQError(f"group size {config.group_size} does not divide the input size {k} of {name}; sizes that "
+                       f"divide every quantized layer: {legal} (or -1 for per-channel)")
+    targets = {}
+    for name, mod in mods.items():
         g = config.layer_class.resolve_group_size(mod.in_features, config.group_size, name)
         check_finite(mod.weight.detach(), f"weight of {name}")
         if mod.bias is not None:
             check_finite(mod.bias.detach(), f"bias of {name}")
         targets[name] = Target(mod, g)
-    return targets
+    return config, targets
+
+
+def validate_model(model: nn.Module, config: DGQConfig) -> dict[str, Target]:
+    """The targets of :func:`plan` (raises on anything that would stop quantization)."""
+    return plan(model, config)[1]
 
 
 def quantize(model: nn.Module, config: DGQConfig | None = None, calib: torch.Tensor | None = None,
@@ -63,7 +93,8 @@ def quantize(model: nn.Module, config: DGQConfig | None = None, calib: torch.Ten
     ``rtn`` and by static activation scales."""
     config = methods.resolve(config or DGQConfig())
     method = methods.get(config.method)
-    targets = validate_model(model, config)
+    auto = config.group_size is None
+    config, targets = plan(model, config)
     if method.needs_calibration(config) and calib is None:
         what = f"method {config.method}" if method.calibrated else "static activation scales"
         raise DGQError(f"{what} needs calibration data: pass calib token windows (CLI: --calib)")
@@ -74,8 +105,9 @@ def quantize(model: nn.Module, config: DGQConfig | None = None, calib: torch.Ten
     else:
         stats = static_act_stats(model, calib, list(targets), progress) if config.act_mode == "static" else {}
         for name, t in tqdm(targets.items(), desc="quantize", disable=not progress, leave=False):
-            set_submodule(model, name, method.make_layers(t.module, name, t.group_size, stats.get(name), config)[0])
+            set_submodule(model, name, make_layers(method, t.module, name, t.group_size, stats.get(name), config)[0])
     model.dgq_config = build_quantization_config(model, config)
+    model.dgq_config["group_size_auto"] = auto
     if calibration is not None:
         model.dgq_config["calibration"] = {"windows": int(calib.shape[0]), "seqlen": int(calib.shape[1]),
                                            **calibration}

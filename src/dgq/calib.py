@@ -314,6 +314,14 @@ def smooth_block(block: nn.Module, arch: Arch, prefix: str, targets: dict, stats
     return entry
 
 
+def make_layers(method, lin: nn.Linear, name: str, group_size: int, stats, config) -> list:
+    """The method's candidate modules for one linear; a refusal from the quantizers names the layer."""
+    try:
+        return method.make_layers(lin, name, group_size, stats, config)
+    except DGQError as e:
+        raise DGQError(f"{name}: {e}") from None
+
+
 @dataclass
 class Made:
     """One linear's float weight (for the error log), its device, and its candidate quantized modules."""
@@ -341,7 +349,7 @@ def quantize_block(block: nn.Module, index: int, prefix: str, targets: dict, sta
     for n in stats:
         lin = block.get_submodule(n)
         check_finite(lin.weight.detach(), f"weight of {prefix + n} (after smoothing)")
-        layers = method.make_layers(lin, prefix + n, targets[prefix + n].group_size, stats[n], config)
+        layers = make_layers(method, lin, prefix + n, targets[prefix + n].group_size, stats[n], config)
         made[n] = Made(lin.weight.detach().cpu(), lin.weight.device, layers)
     n_cand = max(len(m.candidates) for m in made.values())
     errors, best = [], None

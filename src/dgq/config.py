@@ -26,7 +26,9 @@ class DGQConfig:
         (every calibration token scaled to unit norm in the Hessian) instead of the plain squared error, which a few
         massive-activation tokens dominate; None = on for dgq-gptq (its GPTQ step), off for gptq (the published
         Hessian) and dgq (its search: 24.60 vs 24.18 ppl with it, benchmarks/README.md).
-    group_size: along K; must divide every quantized layer's input size (-1 = one group per row).
+    group_size: along K; must divide every quantized layer's input size (-1 = one group per row). None (the
+        default) chooses it per model: 128 where it divides every quantized layer, else 64, else the largest size
+        below 128 that does (the GPU kernel runs 64, 128 and 256), recorded in the checkpoint.
     act: ``dynamic`` (per-token absmax, default) or ``static`` (per-tensor, from calibration data).
     weights_only: keep float activations (A16W4) in the same storage format.
     s_int_rounding: how rtn rounds ``s_group / s_ch`` (``round`` as in the paper/release, or ``ceil``).
@@ -41,7 +43,7 @@ class DGQConfig:
     """
 
     method: str = "rtn"
-    group_size: int = 128
+    group_size: int | None = None
     act: str = "dynamic"
     weights_only: bool = False
     s_int_rounding: str = "round"
@@ -84,8 +86,9 @@ class DGQConfig:
             raise DGQError(f"s_int_rounding must be round or ceil, got {self.s_int_rounding!r}")
         if self.smooth not in (None, True, False, "selective"):
             raise DGQError(f"smooth must be true, false or 'selective', got {self.smooth!r}")
-        if self.group_size == 0 or self.group_size < -1:
-            raise DGQError(f"group size must be positive or -1 (per-channel), got {self.group_size}")
+        if self.group_size is not None and (not isinstance(self.group_size, int) or isinstance(self.group_size, bool)
+                                            or self.group_size == 0 or self.group_size < -1):
+            raise DGQError(f"group size must be a positive integer or -1 (per-channel), got {self.group_size!r}")
         if isinstance(self.ignore, str) or not all(isinstance(n, str) for n in self.ignore):
             raise DGQError(f"ignore must be a sequence of full module names, got {self.ignore!r}")
         if self.search_tokens < 1 or self.grid1 < 1 or self.grid2 < 1 or self.refine < 0:

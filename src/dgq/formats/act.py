@@ -9,19 +9,24 @@ def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Dynamic per-token absmax: ``x[M, K]`` -> ``(x8 int8 [M, K], s_x float32 [M])``.
 
     ``s_x = max|x_row| / 127`` (1.0 for an all-zero row), ``x8 = clamp(round(x / s_x), -127, 127)``, in float32.
+    A row holding NaN (Inf) gets ``s_x`` NaN (Inf): the layer's output row is then not finite either, instead of
+    silently finite and wrong (NaN would otherwise round to some int8 code).
     """
     xf = x.float()
-    amax = xf.abs().amax(dim=-1)
-    s = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+    amax = xf.abs().amax(dim=-1)  # NaN if the row holds one
+    s = torch.where(amax == 0, torch.ones_like(amax), amax / 127.0)
     y = xf / s[:, None]  # a new tensor: the in-place steps below never touch the caller's x
     return y.round_().clamp_(-127, 127).to(torch.int8), s
 
 
 def quantize_per_tensor(x: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Static per-tensor: ``x8 = clamp(round(x / scale), -127, 127)``; returns ``s_x`` broadcast to ``[M]``."""
+    """Static per-tensor: ``x8 = clamp(round(x / scale), -127, 127)``; returns ``s_x``, the scale broadcast to
+    ``[M]`` (NaN/Inf for rows holding NaN/Inf, as in :func:`quantize_per_token`)."""
+    xf = x.float()
     s = scale.float().reshape(())
-    x8 = (x.float() / s).round_().clamp_(-127, 127).to(torch.int8)
-    return x8, s.expand(x.shape[0]).contiguous()
+    x8 = (xf / s).round_().clamp_(-127, 127).to(torch.int8)
+    amax = xf.abs().amax(dim=-1)
+    return x8, torch.where(torch.isfinite(amax), s, amax).contiguous()
 
 
 def epilogue(

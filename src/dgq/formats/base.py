@@ -24,6 +24,7 @@ class QuantLinear(nn.Module):
 
     format = ""
     w_bits = 4
+    grouped = True  # False: one scale per row, the group size is ignored
     act_modes: tuple[str, ...] = ACT_MODES
     in_features: int
     out_features: int
@@ -84,10 +85,12 @@ class QuantLinear(nn.Module):
     def check(self, where: str) -> None:
         """The format's invariants (and a usable static activation scale); raises DGQError naming ``where``."""
         self.container().check(where)
-        if self.act_mode == "static":
+        if "static" in self.act_modes:
             s = float(self.act_scale)
-            if not (s > 0 and s < float("inf")):
+            if self.act_mode == "static" and not 0 < s < float("inf"):
                 raise DGQError(f"{where}: static activation scale {s} is not a finite positive number")
+            if self.act_mode != "static" and s != 0:  # unused, saved as 0: anything else is corruption
+                raise DGQError(f"{where}: act_scale is {s}, expected 0 for {self.act_mode} activations")
 
     def _invalidate(self) -> None:
         self.kernel_cache = {}

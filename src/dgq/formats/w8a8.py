@@ -59,6 +59,7 @@ class W8A8Linear(QuantLinear):
 
     format = NAME
     w_bits = 8
+    grouped = False
     act_modes = ("dynamic", "static")
 
     @staticmethod

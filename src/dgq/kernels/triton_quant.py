@@ -2,8 +2,9 @@
 :func:`dgq.formats.act.quantize_per_token` / :func:`dgq.formats.act.quantize_per_tensor` (torch on the CPU).
 
 Dynamic: ``s = amax / 127`` (1.0 for an all-zero row) with IEEE division (``div_rn``), ``x / s`` with ``div_rn``,
-clamp to [-127, 127], round half to even. ``permute=True`` writes ``x8`` in the GEMM kernels' activation order
-(evens then odds inside each 128-wide chunk of K, :func:`dgq.kernels.triton_gemm.permute_activations`).
+clamp to [-127, 127], round half to even. A row holding NaN (Inf) gets the scale NaN (Inf) in both modes.
+``permute=True`` writes ``x8`` in the GEMM kernels' activation order (evens then odds inside each 128-wide chunk
+of K, :func:`dgq.kernels.triton_gemm.permute_activations`).
 """
 
 from __future__ import annotations
@@ -22,11 +23,15 @@ def _quantize_rows_kernel(x_ptr, x8_ptr, s_ptr, scale_ptr, K, stride_xm,
     k = tl.arange(0, BLOCK)
     mask = k < K
     x = tl.load(x_ptr + row * stride_xm + k, mask=mask, other=0.0).to(tl.float32)
+    amax = tl.max(tl.abs(x), axis=0)
     if STATIC:
         s = tl.load(scale_ptr).to(tl.float32)
     else:
-        amax = tl.max(tl.abs(x), axis=0)
-        s = tl.where(amax > 0, tl.math.div_rn(amax, 127.0), 1.0)
+        s = tl.where(amax == 0, 1.0, tl.math.div_rn(amax, 127.0))
+    # a row holding NaN/Inf gets scale NaN/Inf, so its output is not finite either (as in dgq.formats.act); the
+    # flag is explicit because max on the GPU ignores NaN
+    bad = tl.sum((x != x).to(tl.int32), axis=0) > 0
+    s = tl.where(bad, float("nan"), tl.where(amax == float("inf"), amax, s))
     y = tl.math.div_rn(x, s)
     y = tl.minimum(tl.maximum(y, -127.0), 127.0)
     # round half to even (as torch.round): exact for |y| < 2**22 under IEEE round-to-nearest-even

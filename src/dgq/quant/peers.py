@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import DGQError
 from ..formats.packing import CODE_MAX, INT8_MAX, pack_uint4
 from ..formats.w4a16 import W4Weight
 from ..formats.w8a8 import W8Weight
@@ -17,12 +18,25 @@ QMAX4 = CODE_MAX
 def w4_params(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Min/max scale and zero of each row of ``w [..., g]`` (range widened to include 0, as GPTQ's quantizer).
 
-    The scale is rounded to float16 (what is stored), so codes are chosen against the executed grid."""
+    The scale is rounded to float16 (what is stored), so codes are chosen against the executed grid. Float16
+    cannot hold every scale: a group spanning more than 15 * 65504 (weights near 1e6 and beyond) would overflow
+    (NaN logits), and one whose scale lies below float16's smallest subnormal (a group spanning less than ~1e-6)
+    would become all zero. Both are refused with :class:`DGQError` (the DGQ format keeps float32 channel scales and
+    takes both). Scales between the subnormals and the normals (groups spanning ~1e-6 to ~1e-3) are stored as
+    float16 subnormals (coarser, but the codes are chosen against them); they were once clamped to the smallest
+    normal, which silently zeroed groups of weights below ~3e-5."""
     wmin = w.float().amin(-1).clamp_max(0)
     wmax = w.float().amax(-1).clamp_min(0)
     both0 = (wmin == 0) & (wmax == 0)
     wmin, wmax = torch.where(both0, -1.0, wmin), torch.where(both0, 1.0, wmax)
-    scale = ((wmax - wmin) / QMAX4).half().float().clamp_min(torch.finfo(torch.float16).tiny)
+    exact = (wmax - wmin) / QMAX4
+    scale = exact.half().float()
+    if not bool(torch.isfinite(scale).all()):
+        raise DGQError(f"weights up to {float(torch.maximum(wmax, -wmin).max()):.3g} overflow the float16 group "
+                       f"scales of the W4A16 format; use the DGQ format (--method dgq / rtn), whose scales are float32")
+    if bool((scale == 0).any()):
+        raise DGQError(f"weights as small as {float(exact.min() * QMAX4):.3g} underflow the float16 group scales of "
+                       f"the W4A16 format (they would all become 0); use the DGQ format (--method dgq / rtn)")
     zero = torch.round(-wmin / scale).clamp(0, QMAX4)
     return scale, zero
 
