@@ -25,7 +25,15 @@ import torch
 
 from ..errors import DGQError
 from .base import QuantLinear
-from .packing import CODE_MAX, INT8_MAX, check_positive_finite, check_tensor, resolve_group_size, unpack_uint4
+from .packing import (
+    CODE_MAX,
+    INT8_MAX,
+    Packed4,
+    check_positive_finite,
+    check_tensor,
+    resolve_group_size,
+    unpack_uint4,
+)
 
 NAME = "dgq"
 
@@ -71,7 +79,7 @@ def dequantize(qweight: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor,
 
 
 @dataclass
-class DGQWeight:
+class DGQWeight(Packed4):
     """One linear's weight in the DGQ format (the tensors of the table above)."""
 
     qweight: torch.Tensor  # uint8 [N, K/2]
@@ -79,14 +87,6 @@ class DGQWeight:
     scales: torch.Tensor  # int8 [N, G]
     channel_scale: torch.Tensor  # float32 [N]
     group_size: int
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return self.qweight.shape[0], 2 * self.qweight.shape[1]
-
-    @property
-    def device(self) -> torch.device:
-        return self.qweight.device
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"qweight": self.qweight, "zeros": self.zeros, "scales": self.scales,
@@ -101,10 +101,7 @@ class DGQWeight:
 
     def check(self, where: str = "DGQ weight") -> None:
         """Shapes and dtypes; ``s_int`` >= 1, zeros in 0..15, codes in the int8-safe range, ``s_ch`` finite > 0."""
-        n, k = self.shape
-        g = self.group_size
-        if g < 1 or k % g:
-            raise DGQError(f"{where}: group size {g} does not divide K={k}")
+        n, k, g = self.check_layout(where)
         for name, shape, dtype in (("zeros", (n, k // g), torch.int8), ("scales", (n, k // g), torch.int8),
                                    ("channel_scale", (n,), torch.float32)):
             check_tensor(getattr(self, name), name, shape, dtype, where)

@@ -46,6 +46,31 @@ def unpack_uint4(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack((lo, hi), dim=-1).flatten(-2)
 
 
+class Packed4:
+    """What the two 4-bit containers share: codes two per byte in ``qweight [N, K/2]`` (uint8), groups of
+    ``group_size`` along K."""
+
+    qweight: torch.Tensor
+    group_size: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.qweight.shape[0], 2 * self.qweight.shape[1]
+
+    @property
+    def device(self) -> torch.device:
+        return self.qweight.device
+
+    def check_layout(self, where: str) -> tuple[int, int, int]:
+        """``(N, K, group size)`` after checking that the codes are a 2-D uint8 tensor and the groups divide K."""
+        if self.qweight.dim() != 2 or self.qweight.dtype != torch.uint8:
+            raise DGQError(f"{where}: qweight is {self.qweight.dtype} of {self.qweight.dim()} dims, expected 2-D uint8")
+        n, k = self.shape
+        if self.group_size < 1 or k % self.group_size:
+            raise DGQError(f"{where}: group size {self.group_size} does not divide K={k}")
+        return n, k, self.group_size
+
+
 def check_tensor(t: torch.Tensor, name: str, shape: tuple, dtype: torch.dtype, where: str) -> None:
     """Raise a one-line error naming ``where`` unless ``t`` has this shape and dtype."""
     if tuple(t.shape) != tuple(shape) or t.dtype != dtype:

@@ -10,7 +10,7 @@ import torch
 
 from ..errors import DGQError
 from .base import QuantLinear
-from .packing import CODE_MAX, check_positive_finite, check_tensor, resolve_group_size, unpack_uint4
+from .packing import CODE_MAX, Packed4, check_positive_finite, check_tensor, resolve_group_size, unpack_uint4
 
 NAME = "w4a16"
 
@@ -23,21 +23,13 @@ def dequantize(qweight, scales, zeros, group_size: int, dtype=torch.float32) -> 
 
 
 @dataclass
-class W4Weight:
+class W4Weight(Packed4):
     """Standard W4 (asymmetric, group-wise): ``W_hat = scale * (q - zero)``, scale float16 ``[N, G]``."""
 
     qweight: torch.Tensor  # uint8 [N, K/2], low nibble first (the same packing as DGQ)
     scales: torch.Tensor  # float16 [N, G]
     zeros: torch.Tensor  # uint8 [N, G], 0..15
     group_size: int
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return self.qweight.shape[0], 2 * self.qweight.shape[1]
-
-    @property
-    def device(self) -> torch.device:
-        return self.qweight.device
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"qweight": self.qweight, "scales": self.scales, "zeros": self.zeros}
@@ -47,10 +39,7 @@ class W4Weight:
 
     def check(self, where: str = "W4A16 weight") -> None:
         """Shapes and dtypes; zero points in 0..15; scales finite and > 0."""
-        n, k = self.shape
-        g = self.group_size
-        if g < 1 or k % g:
-            raise DGQError(f"{where}: group size {g} does not divide K={k}")
+        n, k, g = self.check_layout(where)
         check_tensor(self.scales, "scales", (n, k // g), torch.float16, where)
         check_tensor(self.zeros, "zeros", (n, k // g), torch.uint8, where)
         if int(self.zeros.max()) > CODE_MAX:

@@ -5,7 +5,7 @@ query/key projections)."""
 from ..formats import W4A16Linear
 from ..quant.awq import awq_clip, awq_scales
 from ..quant.peers import w4_rtn
-from .base import Method, register
+from .base import Method, float_weight_and_bias, register
 
 NO_CLIP = ("q_proj", "k_proj", "qkv_proj")  # AWQ does not clip the query/key projections
 
@@ -24,8 +24,7 @@ class AWQ(Method):
         return f, {"alpha": info["alpha"]}
 
     def make_layers(self, lin, name, group_size, stats, config):
-        w = lin.weight.detach().float().cpu()
-        bias = None if lin.bias is None else lin.bias.detach().cpu().clone()
+        w, bias = float_weight_and_bias(lin)
         if name.rsplit(".", 1)[-1] not in NO_CLIP:
             w = awq_clip(w, stats.hessian(), group_size, grid=config.awq_grid)
         return [W4A16Linear.from_weight(w4_rtn(w, group_size), bias, name=name)]

@@ -63,6 +63,11 @@ class Method:
         raise NotImplementedError
 
 
+def float_weight_and_bias(lin: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The linear's weight as float32 and a copy of its bias, on the CPU (where the quantizers run)."""
+    return lin.weight.detach().float().cpu(), None if lin.bias is None else lin.bias.detach().cpu().clone()
+
+
 REGISTRY: dict[str, Method] = {}
 
 

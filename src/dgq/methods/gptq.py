@@ -7,7 +7,7 @@ from ..formats import W4A16Linear
 from ..formats.w4a16 import W4Weight
 from ..quant.gptq import gptq_quantize
 from ..quant.peers import QMAX4, w4_pack, w4_params
-from .base import Method, register
+from .base import Method, float_weight_and_bias, register
 
 
 def gptq_w4_weight(w: torch.Tensor, h: torch.Tensor, g: int, config) -> W4Weight:
@@ -30,8 +30,7 @@ class GPTQ(Method):
     full_hessian = True
 
     def make_layers(self, lin, name, group_size, stats, config):
-        w = lin.weight.detach().float().cpu()
-        bias = None if lin.bias is None else lin.bias.detach().cpu().clone()
+        w, bias = float_weight_and_bias(lin)
         h = stats.token_hessian() if config.token_weighted else stats.hessian()
         return [W4A16Linear.from_weight(gptq_w4_weight(w, h, group_size, config), bias, name=name)]
 

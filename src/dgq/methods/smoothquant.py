@@ -5,7 +5,7 @@ from ..formats import W8A8Linear
 from ..formats.packing import INT8_MAX
 from ..quant.peers import w8_rtn
 from ..quant.smooth import smoothquant_factors
-from .base import Method, register
+from .base import Method, float_weight_and_bias, register
 
 
 class SmoothQuant(Method):
@@ -23,8 +23,7 @@ class SmoothQuant(Method):
         return f, {"alpha": config.alpha}
 
     def make_layers(self, lin, name, group_size, stats, config):
-        w = lin.weight.detach().float().cpu()
-        bias = None if lin.bias is None else lin.bias.detach().cpu().clone()
+        w, bias = float_weight_and_bias(lin)
         act_scale = None
         if config.act_mode == "static":  # SmoothQuant's per-tensor scale: the calibration absmax
             act_scale = max(stats.absmax().amax().item() / INT8_MAX, 1e-8)
