@@ -13,6 +13,7 @@ from torch import nn
 
 from ..errors import DGQError
 from .act import quantize_per_tensor, quantize_per_token
+from .packing import resolve_group_size
 
 ACT_MODES = ("dynamic", "static", "none")  # none = weight-only: float activations
 
@@ -53,7 +54,8 @@ class QuantLinear(nn.Module):
     # -- what a format defines ---------------------------------------------------------------------------------
     @staticmethod
     def resolve_group_size(in_features: int, group_size: int, name: str = "layer") -> int:
-        raise NotImplementedError
+        """The group size a layer of this format uses (grouped formats: ``group_size`` must divide K)."""
+        return resolve_group_size(in_features, group_size, name)
 
     def register_buffers(self, device) -> None:
         raise NotImplementedError

@@ -31,7 +31,6 @@ from .packing import (
     Packed4,
     check_positive_finite,
     check_tensor,
-    resolve_group_size,
     unpack_uint4,
 )
 
@@ -124,10 +123,6 @@ class DGQLinear(QuantLinear):
     format = NAME
     w_bits = 4
     act_modes = ("dynamic", "static", "none")
-
-    @staticmethod
-    def resolve_group_size(in_features: int, group_size: int, name: str = "layer") -> int:
-        return resolve_group_size(in_features, group_size, name)
 
     def register_buffers(self, device) -> None:
         n, k, g = self.out_features, self.in_features, self.group_size

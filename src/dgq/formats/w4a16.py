@@ -10,7 +10,7 @@ import torch
 
 from ..errors import DGQError
 from .base import QuantLinear
-from .packing import CODE_MAX, Packed4, check_positive_finite, check_tensor, resolve_group_size, unpack_uint4
+from .packing import CODE_MAX, Packed4, check_positive_finite, check_tensor, unpack_uint4
 
 NAME = "w4a16"
 
@@ -53,10 +53,6 @@ class W4A16Linear(QuantLinear):
     format = NAME
     w_bits = 4
     act_modes = ("none",)
-
-    @staticmethod
-    def resolve_group_size(in_features: int, group_size: int, name: str = "layer") -> int:
-        return resolve_group_size(in_features, group_size, name)
 
     def register_buffers(self, device) -> None:
         n, k, g = self.out_features, self.in_features, self.group_size
