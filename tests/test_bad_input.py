@@ -130,6 +130,17 @@ def test_removed_checksum_is_refused(ckpt):
         dgq.load(ckpt)
 
 
+def test_version_1_checkpoints_without_checksums_still_load(ckpt):
+    ref = logits(dgq.load(ckpt))
+
+    def as_v1(c):
+        c["quantization_config"]["format_version"] = 1
+        c["quantization_config"].pop("checksums")
+    edit_config(ckpt, as_v1)
+    rewrite(ckpt, lambda t: None, keep_meta=False)  # version 1 wrote {"format": "dgq-1"}, no digest
+    assert torch.equal(logits(dgq.load(ckpt)), ref)
+
+
 @pytest.mark.parametrize("version", [0, -1, "2", 2.0, True])
 def test_bad_format_version(ckpt, version):
     edit_config(ckpt, lambda c: c["quantization_config"].__setitem__("format_version", version))

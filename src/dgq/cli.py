@@ -88,6 +88,7 @@ def _add_calib(p):
 
 def _quiet_transformers() -> None:
     transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
 
 
 def build_parser() -> argparse.ArgumentParser:
