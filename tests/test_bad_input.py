@@ -112,7 +112,7 @@ def test_flipped_code_bit_and_extra_tensor_fail_the_checksum(ckpt):
 
 def test_unknown_tensor_is_refused_even_unverified(ckpt):
     rewrite(ckpt, lambda t: t.__setitem__("model.layers.0.mlp.extra", torch.zeros(3)))
-    with pytest.raises(DGQError, match="holds a tensor this model does not have: model.layers.0.mlp.extra"):
+    with pytest.raises(DGQError, match="hold a tensor this model does not have: model.layers.0.mlp.extra"):
         dgq.load(ckpt, verify=False)
 
 
@@ -126,7 +126,7 @@ def test_edited_config_is_detected(ckpt):
 
 def test_removed_checksum_is_refused(ckpt):
     edit_config(ckpt, lambda c: c["quantization_config"].pop("checksums"))
-    with pytest.raises(DGQError, match="no checksum of model.safetensors"):
+    with pytest.raises(DGQError, match="quantization_config has no checksums"):
         dgq.load(ckpt)
 
 
@@ -151,7 +151,7 @@ def test_bad_format_version(ckpt, version):
 def test_huge_layer_count_is_refused_before_allocating(ckpt):
     edit_config(ckpt, lambda c: c.__setitem__("num_hidden_layers", 10**9))
     t0 = time.perf_counter()
-    with pytest.raises(DGQError, match="config.json says 1000000000 layers but model.safetensors holds 2"):
+    with pytest.raises(DGQError, match="config.json says 1000000000 layers but the weights hold 2"):
         dgq.load(ckpt, verify=False)
     assert time.perf_counter() - t0 < 10
 
@@ -519,7 +519,8 @@ def _mutate_tensors(t, data):
         t[name] = flat.reshape(t[name].shape)
 
 
-@settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=int(os.environ.get("DGQ_MUTATIONS", "250")), deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(data=st.data())
 def test_mutated_checkpoints_load_identically_or_fail_cleanly(saved, tmp_path_factory, data):
     """Byte flips and truncation anywhere in the weights file, config.json edits from a grammar of plausible

@@ -117,3 +117,39 @@ def test_quantize_twice_and_nan_weights_leave_model_unchanged(tiny_llama):
     with pytest.raises(DGQError, match=r"weight of model.layers.1.mlp.down_proj contains 1 NaN/Inf"):
         dgq.quantize(tiny_llama, DGQConfig(group_size=32), progress=False)
     assert {n: type(m) for n, m in tiny_llama.named_modules()} == before
+
+
+def test_sharded_save_and_load(ckpt, tmp_path):
+    path, model = ckpt
+    ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = dgq.load(path)(ids).logits
+    out = dgq.save(model, tmp_path / "sharded", max_shard_size="40KB")
+    files = sorted(p.name for p in out.glob("*.safetensors"))
+    n = len(files)
+    assert n > 3 and files == [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"].values()) == set(files) and index["metadata"]["total_size"] > 0
+    q = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert set(q["checksums"]) == {"config.json", *files}
+    with torch.no_grad():
+        assert torch.equal(dgq.load(out)(ids).logits, ref)
+    shard = out / files[1]
+    shard.write_bytes(shard.read_bytes()[:-8])
+    with pytest.raises(DGQError, match=f"{files[1]} does not match the checksum"):
+        dgq.load(out)
+    with pytest.raises(DGQError, match=f"{files[1]} is unreadable"):
+        dgq.load(out, verify=False)
+    shard.unlink()
+    with pytest.raises(DGQError, match=f"{files[1]} is missing"):
+        dgq.load(out)
+
+
+def test_shard_size_is_parsed():
+    from dgq.checkpoint import parse_size
+
+    assert parse_size("5GB") == 5 * 10**9 and parse_size("2GiB") == 2 * 2**30 and parse_size("500MB") == 5 * 10**8
+    assert parse_size(123) == 123 and parse_size("40kb") == 40_000
+    for bad in ("", "lots", "-1MB", 0):
+        with pytest.raises(DGQError):
+            parse_size(bad)

@@ -1,13 +1,16 @@
-"""Checkpoints: a folder with ``config.json`` (the model config plus ``quantization_config``), ``model.safetensors``
-(every parameter and buffer, the packed tensors included) and the tokenizer files. Saves are atomic (a temporary
-folder beside the target, then a rename). Loading never unpickles and never runs code from the folder.
+"""Checkpoints: a folder with ``config.json`` (the model config plus ``quantization_config``), the weights (every
+parameter and buffer, the packed tensors included) as ``model.safetensors`` or, past ``max_shard_size``, as shards
+``model-0000i-of-0000n.safetensors`` with ``model.safetensors.index.json`` (the Hugging Face convention), and the
+tokenizer files. Saves are atomic (a temporary folder beside the target, then a rename) and can be written tensor by
+tensor (:class:`CheckpointWriter`, for models quantized block by block). Loading reads one shard at a time, never
+unpickles and never runs code from the folder.
 
 Integrity (format version 2): safetensors has no checksum, so ``quantization_config.checksums`` records the SHA-256
-of ``model.safetensors``, and the safetensors header records the SHA-256 of ``config.json`` as written (without
-that checksum entry). ``load`` verifies both by default (``verify=False`` / ``--no-verify`` skips the hashing, for
-speed): a flipped bit anywhere, an added or removed tensor, or an edit of config.json is an error, not a model that
-runs. Whatever ``verify`` says, every tensor is checked by name, shape and dtype (unknown ones refused), every float
-tensor must be finite, and every quantized module's format invariants must hold.
+of every weights file and of ``config.json`` itself (its content without the checksums). ``load`` verifies them by
+default (``verify=False`` / ``--no-verify`` skips the hashing, for speed): a flipped bit anywhere, an added or
+removed tensor, or an edit of config.json is an error, not a model that runs. Whatever ``verify`` says, every tensor
+is checked by name, shape and dtype (unknown ones refused), every float tensor must be finite, and every quantized
+module's format invariants must hold.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ import hashlib
 import json
 import os
 import re
+from collections import defaultdict
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 from types import SimpleNamespace
@@ -35,8 +40,26 @@ from .fsutil import atomic_folder, check_output_dir
 from .fuse import fuse_siblings
 
 WEIGHTS = "model.safetensors"
+INDEX = "model.safetensors.index.json"
 FORMAT_VERSION = 2  # of the checkpoint layout and its quantization_config; load reads 1 (no checksums) and 2
-META_KEY = "dgq"  # the one safetensors metadata key (several keys are written in a random order, run to run)
+DEFAULT_MAX_SHARD = 5 * 10**9  # bytes per shard (transformers' default "5GB")
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)\s*$", re.IGNORECASE)
+
+
+def parse_size(size) -> int:
+    """``5GB``, ``500MB``, ``2GiB`` or a number of bytes."""
+    if isinstance(size, int) and not isinstance(size, bool):
+        n = size
+    else:
+        m = _SIZE.match(str(size))
+        if not m:
+            raise DGQError(f"cannot read the size {size!r}; write it like 5GB, 500MB or 2GiB")
+        unit = m.group(2).lower().rstrip("b")
+        base = 1024 if unit.endswith("i") else 1000
+        n = int(float(m.group(1)) * (base ** ("kmgt".index(unit[0]) + 1) if unit else 1))
+    if n < 1:
+        raise DGQError(f"the shard size must be positive, got {size!r}")
+    return n
 
 
 def file_sha256(path: Path) -> str:
@@ -48,7 +71,7 @@ def file_sha256(path: Path) -> str:
 
 
 def config_sha256(cfg: dict) -> str:
-    """Digest of a checkpoint's config.json content, less the weights' checksums (written after the weights)."""
+    """Digest of a checkpoint's config.json content, less the checksums entry (which holds this digest)."""
     c = dict(cfg)
     q = c.get("quantization_config")
     if isinstance(q, dict):
@@ -59,11 +82,16 @@ def config_sha256(cfg: dict) -> str:
 def build_quantization_config(model: nn.Module, config) -> dict:
     """The ``quantization_config`` of a model quantized with the resolved ``config``: the recipe and every
     quantized module with its format, sizes, group size and activation mode."""
-    modules = {
-        name: {"format": m.format, "in_features": m.in_features, "out_features": m.out_features,
-               "group_size": m.group_size, "act_mode": m.act_mode, "bias": m.bias is not None}
-        for name, m in model.named_modules() if isinstance(m, QuantLinear)
-    }
+    return quantization_config_of(config, {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)})
+
+
+def module_entry(m: QuantLinear) -> dict:
+    return {"format": m.format, "in_features": m.in_features, "out_features": m.out_features,
+            "group_size": m.group_size, "act_mode": m.act_mode, "bias": m.bias is not None}
+
+
+def quantization_config_of(config, modules: dict) -> dict:
+    """``modules``: full name -> quantized module or its :func:`module_entry`."""
     w_bits, a_bits = config.bits
     return {
         "quant_method": "dgq",
@@ -77,15 +105,15 @@ def build_quantization_config(model: nn.Module, config) -> dict:
         "act": config.act_mode,
         "nibble_order": NIBBLE_ORDER,
         "recipe": asdict(config),
-        "modules": modules,
+        "modules": {n: m if isinstance(m, dict) else module_entry(m) for n, m in modules.items()},
     }
 
 
 # -- save --------------------------------------------------------------------------------------------------------
-def _state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Parameters (tied ones once) and all buffers, non-persistent ones too (e.g. rotary tables)."""
-    state = {n: p.detach() for n, p in model.named_parameters()}
-    state.update({n: b.detach() for n, b in model.named_buffers()})
+def state_of(module: nn.Module, prefix: str = "") -> dict[str, torch.Tensor]:
+    """Parameters (tied ones once) and all buffers, non-persistent ones too (e.g. rotary tables), on the CPU."""
+    state = {prefix + n: p.detach() for n, p in module.named_parameters()}
+    state.update({prefix + n: b.detach() for n, b in module.named_buffers()})
     return {n: _own(t.contiguous().cpu()) for n, t in state.items()}
 
 
@@ -95,28 +123,87 @@ def _own(t: torch.Tensor) -> torch.Tensor:
     return t if t.untyped_storage().nbytes() == t.numel() * t.element_size() else t.clone()
 
 
-def save(model: nn.Module, path: str | os.PathLike, tokenizer=None, overwrite: bool = False) -> Path:
+class CheckpointWriter:
+    """Writes a checkpoint into a temporary folder as tensors come (``add``), in shards of at most
+    ``max_shard_size`` bytes, then ``finish`` writes config.json with the checksums, the generation config and the
+    tokenizer. Use :func:`writing`, which renames the folder into place only when everything is written."""
+
+    def __init__(self, folder: Path, max_shard_size=DEFAULT_MAX_SHARD):
+        self.folder = folder
+        self.max_bytes = parse_size(max_shard_size)
+        self.pending: dict[str, torch.Tensor] = {}
+        self.pending_bytes = 0
+        self.shards: list[list[str]] = []  # tensor names per written shard
+        self.total = 0
+
+    def add(self, tensors: dict[str, torch.Tensor]) -> None:
+        for name, t in tensors.items():
+            if name in self.pending or any(name in s for s in self.shards):
+                raise ValueError(f"tensor {name} written twice")
+            t = _own(t.detach().contiguous().cpu())
+            size = t.numel() * t.element_size()
+            if self.pending and self.pending_bytes + size > self.max_bytes:
+                self._flush()
+            self.pending[name] = t
+            self.pending_bytes += size
+            self.total += size
+
+    def _flush(self) -> None:
+        save_file(self.pending, self.folder / f".shard-{len(self.shards) + 1:05d}", metadata={"format": "pt"})
+        self.shards.append(sorted(self.pending))
+        self.pending, self.pending_bytes = {}, 0
+
+    def finish(self, model_config: dict, qcfg: dict, generation_config=None, tokenizer=None) -> dict:
+        """Name the shards, write the index (several shards) and config.json; returns the quantization_config
+        written (with its checksums)."""
+        if self.pending or not self.shards:
+            self._flush()
+        n = len(self.shards)
+        names = [WEIGHTS] if n == 1 else [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+        for i, name in enumerate(names, 1):
+            os.replace(self.folder / f".shard-{i:05d}", self.folder / name)
+        if n > 1:
+            weight_map = {t: name for name, shard in zip(names, self.shards, strict=True) for t in shard}
+            index = {"metadata": {"total_size": self.total}, "weight_map": dict(sorted(weight_map.items()))}
+            (self.folder / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+        cfg = dict(model_config)
+        cfg["quantization_config"] = {k: v for k, v in qcfg.items() if k != "checksums"}
+        cfg["quantization_config"]["format_version"] = FORMAT_VERSION
+        cfg = json.loads(json.dumps(cfg))  # the digest is of what load reads back (tuples become lists...)
+        sums = {"config.json": f"sha256:{config_sha256(cfg)}"}
+        sums.update({name: f"sha256:{file_sha256(self.folder / name)}" for name in names})
+        cfg["quantization_config"]["checksums"] = sums
+        (self.folder / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+        if generation_config is not None:
+            generation_config.save_pretrained(self.folder)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(self.folder)
+        return cfg["quantization_config"]
+
+
+@contextmanager
+def writing(path, overwrite: bool = False, max_shard_size=DEFAULT_MAX_SHARD):
+    """A :class:`CheckpointWriter` into a temporary folder that becomes ``path`` when the block ends (after
+    ``finish``); an error or interruption leaves nothing at ``path``. The output is checked first."""
+    out = check_output_dir(path, overwrite)
+    with atomic_folder(out, replace=True) as tmp:
+        w = CheckpointWriter(tmp, max_shard_size)
+        yield w
+        if not (tmp / "config.json").is_file():
+            raise RuntimeError("CheckpointWriter.finish was not called")
+
+
+def save(model: nn.Module, path: str | os.PathLike, tokenizer=None, overwrite: bool = False,
+         max_shard_size=DEFAULT_MAX_SHARD) -> Path:
     """Write a quantized model (and its tokenizer) to ``path`` atomically."""
     qcfg = getattr(model, "dgq_config", None)
     if qcfg is None:
         raise DGQError("this model is not quantized by dgq (run dgq.quantize first)")
-    out = check_output_dir(path, overwrite)
-    with atomic_folder(out, replace=True) as tmp:
-        cfg = model.config.to_dict()
-        cfg["quantization_config"] = {k: v for k, v in qcfg.items() if k != "checksums"}
-        cfg["quantization_config"]["format_version"] = FORMAT_VERSION
-        cfg = json.loads(json.dumps(cfg))  # the digest is of what load will read back (tuples, int keys)
-        meta = json.dumps({"format_version": FORMAT_VERSION, "config_sha256": config_sha256(cfg)}, sort_keys=True)
-        save_file(_state(model), tmp / WEIGHTS, metadata={META_KEY: meta})
-        cfg["quantization_config"]["checksums"] = {WEIGHTS: f"sha256:{file_sha256(tmp / WEIGHTS)}"}
-        (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-        gen = getattr(model, "generation_config", None)
-        if gen is not None:
-            gen.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-    model.dgq_config = cfg["quantization_config"]
-    return out
+    with writing(path, overwrite, max_shard_size) as w:
+        w.add(state_of(model))
+        model.dgq_config = w.finish(model.config.to_dict(), qcfg, getattr(model, "generation_config", None),
+                                    tokenizer)
+    return Path(path).expanduser()
 
 
 # -- load: read the config, build the skeleton, read the tensors, check them ------------------------------------
@@ -145,41 +232,66 @@ def read_quantization_config(path: Path) -> tuple[dict, dict]:
     return cfg, q
 
 
+def weight_files(path: Path) -> dict[str, str] | None:
+    """Tensor name -> file for a sharded checkpoint (from its index), None for a single ``model.safetensors``."""
+    index = path / INDEX
+    if not index.is_file():
+        return None
+    try:
+        doc = json.loads(index.read_text())
+        wm = doc["weight_map"]
+        if not isinstance(wm, dict) or not all(isinstance(f, str) and "/" not in f and f.endswith(".safetensors")
+                                              for f in wm.values()):
+            raise ValueError("bad weight_map")
+    except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError):
+        raise DGQError(f"{path}: {INDEX} is unreadable or not a safetensors index") from None
+    return wm
+
+
 def verify_checksums(path: Path, cfg: dict, q: dict) -> None:
-    """The weights file and config.json are what ``save`` wrote (checksums; see the module docstring)."""
+    """config.json and every weights file are what was saved (checksums; see the module docstring)."""
     if q["format_version"] < 2:
         return  # written before checksums existed
-    recorded = q.get("checksums")
-    want = recorded.get(WEIGHTS) if isinstance(recorded, dict) else None
-    if not isinstance(want, str) or not want.startswith("sha256:"):
-        raise DGQError(f"{path}: quantization_config has no checksum of {WEIGHTS}; the checkpoint is incomplete "
-                       f"(load with verify=False / --no-verify to skip the check)")
-    weights = path / WEIGHTS
-    if not weights.is_file():
-        raise DGQError(f"{path} has no {WEIGHTS}")
-    if file_sha256(weights) != want.split(":", 1)[1]:
-        raise DGQError(f"{path}: {WEIGHTS} does not match the checksum recorded at save; the file is corrupt or "
-                       f"was modified")
-    try:
-        with safe_open(weights, framework="pt") as f:
-            meta = json.loads((f.metadata() or {}).get(META_KEY, "{}"))
-    except Exception as e:  # noqa: BLE001 - safetensors' own error types
-        raise DGQError(f"{path}: {WEIGHTS} is unreadable ({type(e).__name__})") from None
-    if not isinstance(meta, dict) or meta.get("config_sha256") != config_sha256({**cfg, "quantization_config": q}):
-        raise DGQError(f"{path}: config.json was modified after the checkpoint was saved (its digest in {WEIGHTS} "
-                       f"differs); restore it, or load with verify=False / --no-verify")
+    sums = q.get("checksums")
+    if not isinstance(sums, dict) or not all(isinstance(v, str) and v.startswith("sha256:") for v in sums.values()):
+        raise DGQError(f"{path}: quantization_config has no checksums; the checkpoint is incomplete (load with "
+                       f"verify=False / --no-verify to skip the check)")
+    if sums.get("config.json") != f"sha256:{config_sha256({**cfg, 'quantization_config': q})}":
+        raise DGQError(f"{path}: config.json was modified after the checkpoint was saved (its checksum differs); "
+                       f"restore it, or load with verify=False / --no-verify")
+    wm = weight_files(path)
+    files = sorted(set(wm.values())) if wm is not None else [WEIGHTS]
+    for f in files:
+        if f not in sums:
+            raise DGQError(f"{path}: quantization_config has no checksum of {f}; the checkpoint is incomplete")
+        if not (path / f).is_file():
+            raise DGQError(f"{path}: {f} is missing")
+        if file_sha256(path / f) != sums[f].split(":", 1)[1]:
+            raise DGQError(f"{path}: {f} does not match the checksum recorded at save; the file is corrupt or was "
+                           f"modified")
 
 
-def tensor_index(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
-    """Name -> (shape, dtype) of every tensor in the weights file, from its header only."""
-    weights = path / WEIGHTS
-    if not weights.is_file():
-        raise DGQError(f"{path} has no {WEIGHTS}")
-    try:
-        with safe_open(weights, framework="pt") as f:
-            return {n: (tuple(f.get_slice(n).get_shape()), f.get_slice(n).get_dtype()) for n in f.keys()}
-    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for truncated or corrupt files
-        raise DGQError(f"{path}: {WEIGHTS} is unreadable ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+def tensor_index(path: Path) -> dict[str, tuple[str, tuple[int, ...], str]]:
+    """Name -> (file, shape, dtype) of every tensor of the checkpoint, from the files' headers only."""
+    wm = weight_files(path)
+    files = sorted(set(wm.values())) if wm is not None else [WEIGHTS]
+    out: dict[str, tuple[str, tuple[int, ...], str]] = {}
+    for fname in files:
+        f_path = path / fname
+        if not f_path.is_file():
+            raise DGQError(f"{path} has no {fname}")
+        try:
+            with safe_open(f_path, framework="pt") as f:
+                for n in f.keys():
+                    sl = f.get_slice(n)
+                    out[n] = (fname, tuple(sl.get_shape()), sl.get_dtype())
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for truncated files
+            raise DGQError(f"{path}: {fname} is unreadable ({type(e).__name__}: {_first_line(e)})") from None
+        if wm is not None and any(wm.get(n) != fname for n, (file, _, _) in out.items() if file == fname):
+            raise DGQError(f"{path}: {fname} holds tensors its index places elsewhere")
+    if wm is not None and set(wm) != set(out):
+        raise DGQError(f"{path}: {INDEX} and the shards list different tensors")
+    return out
 
 
 def check_sizes(path: Path, cfg: dict, names: dict) -> None:
@@ -192,7 +304,7 @@ def check_sizes(path: Path, cfg: dict, names: dict) -> None:
     if not isinstance(n_layers, int) or isinstance(n_layers, bool) or n_layers < 1:
         raise DGQError(f"{path}: config.json num_hidden_layers must be a positive integer, got {n_layers!r}")
     if len(layers) != n_layers or layers != set(range(len(layers))):
-        raise DGQError(f"{path}: config.json says {n_layers} layers but {WEIGHTS} holds {len(layers)}")
+        raise DGQError(f"{path}: config.json says {n_layers} layers but the weights hold {len(layers)}")
     for key in ("hidden_size", "vocab_size", "intermediate_size", "num_attention_heads", "num_key_value_heads"):
         v = cfg.get(key)
         if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
@@ -229,7 +341,7 @@ def quantized_module(path: Path, model: nn.Module, name: str, spec: dict) -> Qua
     if not isinstance(spec, dict):
         raise DGQError(f"{path}: bad quantization_config entry for {name} (not an object)")
     kind = spec.get("format", "dgq")  # written since the peer formats; older checkpoints are all dgq
-    if kind not in FORMATS:
+    if not isinstance(kind, str) or kind not in FORMATS:
         raise DGQError(f"{path}: module {name} has format {kind!r}, which this dgq does not know "
                        f"({', '.join(FORMATS)}); upgrade dgq")
     try:
@@ -263,34 +375,37 @@ def skeleton(path: Path, config, modules: dict) -> nn.Module:
 
 
 def read_tensors(path: Path, model: nn.Module, names: dict) -> None:
-    """Fill every parameter and buffer of ``model`` from the checkpoint's safetensors file: every expected tensor
-    present with its shape and dtype, no unknown tensor, every float tensor finite."""
-    weights = path / WEIGHTS
+    """Fill every parameter and buffer of ``model`` from the checkpoint's weights, one file at a time: every
+    expected tensor present with its shape and dtype, no unknown tensor, every float tensor finite."""
     expected = dict(model.named_parameters())
     expected.update(dict(model.named_buffers()))
     missing = [n for n in expected if n not in names]
     if missing:
-        raise DGQError(f"{path}: tensor {missing[0]} is missing from {WEIGHTS}"
+        raise DGQError(f"{path}: tensor {missing[0]} is missing from the weights"
                        + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
     unknown = sorted(set(names) - set(expected))
     if unknown:
-        raise DGQError(f"{path}: {WEIGHTS} holds a tensor this model does not have: {unknown[0]}"
+        raise DGQError(f"{path}: the weights hold a tensor this model does not have: {unknown[0]}"
                        + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""))
-    try:
-        with safe_open(weights, framework="pt") as f:
-            for name, target in expected.items():
-                t = f.get_tensor(name)
-                if t.shape != target.shape or t.dtype != target.dtype:
-                    raise DGQError(f"{path}: tensor {name} has shape {tuple(t.shape)} {t.dtype}, expected "
-                                   f"{tuple(target.shape)} {target.dtype}")
-                if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                    raise DGQError(f"{path}: tensor {name} holds NaN/Inf; corrupt checkpoint")
-                with torch.no_grad():
-                    target.copy_(t)
-    except DGQError:
-        raise
-    except Exception as e:  # safetensors raises its own error types for truncated or corrupt files
-        raise DGQError(f"{path}: {WEIGHTS} is unreadable ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    by_file = defaultdict(list)
+    for name in expected:
+        by_file[names[name][0]].append(name)
+    for fname, tensor_names in sorted(by_file.items()):
+        try:
+            with safe_open(path / fname, framework="pt") as f:
+                for name in tensor_names:
+                    target, t = expected[name], f.get_tensor(name)
+                    if t.shape != target.shape or t.dtype != target.dtype:
+                        raise DGQError(f"{path}: tensor {name} has shape {tuple(t.shape)} {t.dtype}, expected "
+                                       f"{tuple(target.shape)} {target.dtype}")
+                    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                        raise DGQError(f"{path}: tensor {name} holds NaN/Inf; corrupt checkpoint")
+                    with torch.no_grad():
+                        target.copy_(t)
+        except DGQError:
+            raise
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for truncated files
+            raise DGQError(f"{path}: {fname} is unreadable ({type(e).__name__}: {_first_line(e)})") from None
 
 
 def load(path: str | os.PathLike, device: str = "cpu", fuse: bool = True, verify: bool = True) -> nn.Module:

