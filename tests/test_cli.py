@@ -58,7 +58,7 @@ def test_nan_weights(capsys, tiny_hf_dir, smollm2_tokenizer, tmp_path):
     m.save_pretrained(d)
     smollm2_tokenizer.save_pretrained(d)
     code, _, err = run_cli(capsys, "quantize", d, "--out", tmp_path / "o", "--group-size", "32")
-    assert_one_line_error(code, err, r"model\.layers\.0\.mlp\.gate_proj\.weight holds NaN/Inf")
+    assert_one_line_error(code, err, r"model\.layers\.0\.mlp\.gate_proj\.weight contains 1 NaN/Inf")
     assert not (tmp_path / "o").exists()
 
 

@@ -75,9 +75,10 @@ def plan(model: nn.Module, config: DGQConfig) -> tuple[DGQConfig, dict[str, Targ
     targets = {}
     for name, mod in mods.items():
         g = config.layer_class.resolve_group_size(mod.in_features, config.group_size, name)
-        check_finite(mod.weight.detach(), f"weight of {name}")
-        if mod.bias is not None:
-            check_finite(mod.bias.detach(), f"bias of {name}")
+        if not mod.weight.is_meta:  # streaming: checked when the block's weights are loaded (dgq.stream)
+            check_finite(mod.weight.detach(), f"weight of {name}")
+            if mod.bias is not None:
+                check_finite(mod.bias.detach(), f"bias of {name}")
         targets[name] = Target(mod, g)
     return config, targets
 

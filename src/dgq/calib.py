@@ -14,7 +14,7 @@ pass produces the next block's inputs. Each linear's relative output error is lo
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -98,15 +98,40 @@ class LinearStats:
         self._h = None
 
 
+@contextmanager
+def _pass_through(blocks: list[nn.Module], like: nn.Module):
+    """Blocks whose weights are not loaded (streaming: they live on the meta device) return their input unchanged,
+    in the form ``like`` (a loaded block) returns its output, so that one forward of the model reaches every block's
+    pre-hook (their keyword arguments) without running them."""
+    kind: dict = {}
+
+    def record(mod, args, kwargs, out):
+        kind.setdefault("tuple", isinstance(out, tuple))
+
+    def stub(hidden_states, *args, **kwargs):
+        return (hidden_states,) if kind.get("tuple") else hidden_states
+
+    handle = like.register_forward_hook(record, with_kwargs=True)
+    for b in blocks:
+        b.forward = stub  # an instance attribute shadows the class's forward; deleted below
+    try:
+        yield
+    finally:
+        handle.remove()
+        for b in blocks:
+            del b.forward
+
+
 @torch.no_grad()
-def capture_block_inputs(model: nn.Module, arch: Arch, calib: torch.Tensor):
+def capture_block_inputs(model: nn.Module, arch: Arch, calib: torch.Tensor, device=None, loaded: int | None = None):
     """Inputs of block 0 for every window ([n, L, d] on the CPU) and each block's keyword arguments.
 
     Keyword arguments (masks, rotary tables) depend only on the window length, so they are taken from the first
-    window, per block (Gemma 2/3 give sliding and full attention layers different masks).
+    window, per block (Gemma 2/3 give sliding and full attention layers different masks). ``loaded``: only the first
+    ``loaded`` blocks have weights (streaming); the others pass their input through for that one forward.
     """
     blocks = get_blocks(model, arch)
-    device = next(model.parameters()).device
+    device = device if device is not None else next(model.parameters()).device
     kwargs_per_block: list = [None] * len(blocks)
     hidden: list[torch.Tensor] = []
 
@@ -123,12 +148,14 @@ def capture_block_inputs(model: nn.Module, arch: Arch, calib: torch.Tensor):
 
     hooks = [b.register_forward_pre_hook(grab_kwargs(i), with_kwargs=True) for i, b in enumerate(blocks)]
     hooks.append(blocks[0].register_forward_pre_hook(grab_hidden, with_kwargs=True))
+    stubs = _pass_through(list(blocks)[loaded:], blocks[0]) if loaded is not None else nullcontext()
     try:
-        for row in calib:
-            try:
-                model(row[None].to(device), use_cache=False)
-            except _Stop:
-                pass
+        with stubs:
+            for row in calib:
+                try:
+                    model(row[None].to(device), use_cache=False)
+                except _Stop:
+                    pass
     finally:
         for h in hooks:
             h.remove()
@@ -374,7 +401,7 @@ def quantize_block(block: nn.Module, index: int, prefix: str, targets: dict, sta
 
 
 def calibrate(model: nn.Module, arch: Arch, targets: dict, calib: torch.Tensor, config, method,
-              quantize: bool = True, progress: bool = True) -> dict:
+              quantize: bool = True, progress: bool = True, blocks_io=None, device=None) -> dict:
     """Block-by-block calibration with ``method`` (a :class:`dgq.methods.Method`) on the resolved ``config``;
     ``targets``: full linear name -> :class:`dgq.api.Target`. With ``quantize=False`` only the smoothing folds are
     applied (the float model is folded and nothing is quantized).
@@ -382,16 +409,24 @@ def calibrate(model: nn.Module, arch: Arch, targets: dict, calib: torch.Tensor, 
     Per block: (1) statistics of every target's input on a float pass, (2) smoothing, (3) the method's candidate
     layers, the best one per block kept, (4) the quantized block's outputs feed the next block. Returns the log
     (per block: seconds, smoothing, per-linear errors, block output error).
+
+    ``blocks_io`` (streaming, :mod:`dgq.stream`): an object whose ``load(i)`` puts block ``i``'s weights in place
+    before its turn and ``done(i)`` takes the finished block away (written out, released); the other blocks stay
+    unloaded.
     """
     blocks = get_blocks(model, arch)
-    device = next(model.parameters()).device
+    device = device if device is not None else next(model.parameters()).device
     t0 = time.perf_counter()
-    hidden, kwargs = capture_block_inputs(model, arch, calib)
+    if blocks_io is not None:
+        blocks_io.load(0)
+    hidden, kwargs = capture_block_inputs(model, arch, calib, device, loaded=1 if blocks_io is not None else None)
     tokens_per_window = max(1, config.search_tokens // max(1, hidden.shape[0]))
     log = {"capture_seconds": round(time.perf_counter() - t0, 2), "blocks": []}
     bar = tqdm(range(len(blocks)), desc="calibrate", disable=not progress)
     for i in bar:
         tb = time.perf_counter()
+        if blocks_io is not None and i > 0:
+            blocks_io.load(i)
         block = blocks[i]
         prefix = f"{arch.blocks}.{i}."
         names = [n[len(prefix):] for n in targets if n.startswith(prefix)]
@@ -409,6 +444,8 @@ def calibrate(model: nn.Module, arch: Arch, targets: dict, calib: torch.Tensor, 
         else:
             hidden = fp_out if not entry["smoothed"] else run_block(block, hidden, kwargs[i], device)
         del stats, fp_out
+        if blocks_io is not None:
+            blocks_io.done(i)
         entry["seconds"] = round(time.perf_counter() - tb, 2)
         log["blocks"].append(entry)
     log["seconds"] = round(time.perf_counter() - t0, 2)

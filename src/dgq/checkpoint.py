@@ -110,11 +110,12 @@ def quantization_config_of(config, modules: dict) -> dict:
 
 
 # -- save --------------------------------------------------------------------------------------------------------
-def state_of(module: nn.Module, prefix: str = "") -> dict[str, torch.Tensor]:
-    """Parameters (tied ones once) and all buffers, non-persistent ones too (e.g. rotary tables), on the CPU."""
+def state_of(module: nn.Module, prefix: str = "", exclude: str | None = None) -> dict[str, torch.Tensor]:
+    """Parameters (tied ones once) and all buffers, non-persistent ones too (e.g. rotary tables), on the CPU
+    (names starting with ``exclude`` left out)."""
     state = {prefix + n: p.detach() for n, p in module.named_parameters()}
     state.update({prefix + n: b.detach() for n, b in module.named_buffers()})
-    return {n: _own(t.contiguous().cpu()) for n, t in state.items()}
+    return {n: _own(t.contiguous().cpu()) for n, t in state.items() if exclude is None or not n.startswith(exclude)}
 
 
 def _own(t: torch.Tensor) -> torch.Tensor:
@@ -344,12 +345,17 @@ def quantized_module(path: Path, model: nn.Module, name: str, spec: dict) -> Qua
     if not isinstance(kind, str) or kind not in FORMATS:
         raise DGQError(f"{path}: module {name} has format {kind!r}, which this dgq does not know "
                        f"({', '.join(FORMATS)}); upgrade dgq")
+    types = {"in_features": int, "out_features": int, "group_size": int, "bias": bool, "act_mode": str}
+    for key, typ in types.items():
+        v = spec.get(key)
+        if not isinstance(v, typ) or (typ is int and (isinstance(v, bool) or v < 1)):
+            raise DGQError(f"{path}: bad quantization_config entry for {name} ({key}={v!r})")
     try:
         new = FORMATS[kind](spec["in_features"], spec["out_features"], spec["group_size"], bias=spec["bias"],
                             act_mode=spec["act_mode"],
                             bias_dtype=old.bias.dtype if old.bias is not None else torch.float32)
-    except (KeyError, TypeError, ValueError, DGQError) as e:
-        raise DGQError(f"{path}: bad quantization_config entry for {name} ({e})") from None
+    except (KeyError, TypeError, ValueError, RuntimeError, DGQError) as e:
+        raise DGQError(f"{path}: bad quantization_config entry for {name} ({_first_line(e)})") from None
     if (new.in_features, new.out_features) != (old.in_features, old.out_features) or \
             (new.bias is None) != (old.bias is None):
         raise DGQError(f"{path}: quantization_config entry for {name} does not match the model "

@@ -15,8 +15,8 @@ import transformers
 from transformers import TextStreamer
 
 from . import methods
-from .api import plan, quantize
-from .checkpoint import save
+from .api import quantize
+from .checkpoint import parse_size, save
 from .compare import compare
 from .config import DGQConfig
 from .data import calibration_windows
@@ -24,7 +24,8 @@ from .errors import DGQError
 from .eval.perplexity import perplexity
 from .eval.tasks import check_tasks, evaluate_tasks, format_table
 from .fsutil import check_output_dir, check_output_file
-from .models import load_model
+from .models import check_model_folder, load_model, load_tokenizer, model_folder
+from .stream import quantize_to
 
 
 def one_line(text: str) -> str:
@@ -86,6 +87,17 @@ def _add_calib(p):
     p.add_argument("--calib-seqlen", type=SEQLEN, default=512, help="tokens per calibration window (default 512)")
 
 
+def _add_placement(p, shards: bool = False):
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N (default auto)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
+                   help="dtype of the model's floating-point weights (default auto: the checkpoint's own; a GGUF "
+                        "dequantizes to float32)")
+    if shards:
+        p.add_argument("--max-shard-size", default="1GB",
+                       help="largest weights file of the output (e.g. 1GB, 500MB); more become shards with an "
+                            "index (default 1GB)")
+
+
 def _quiet_transformers() -> None:
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
@@ -125,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--phase1-only", action="store_true", help="dgq: fine-grained search only (s_ch = absmax/127)")
     q.add_argument("--search-tokens", type=POSITIVE, default=4096,
                    help="dgq: calibration tokens sub-sampled for the search objectives (default 4096)")
+    _add_placement(q, shards=True)
 
     e = sub.add_parser("eval", help="perplexity and/or zero-shot task accuracy of a model or checkpoint",
                        description="Perplexity on non-overlapping windows of a text; with --tasks, zero-shot "
@@ -141,6 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=POSITIVE, default=16, help="zero-shot: requests per forward (default 16)")
     e.add_argument("--json", help="write the result as JSON here")
     e.add_argument("--no-verify", action="store_true", help="skip the checkpoint checksums (faster load)")
+    _add_placement(e)
 
     c = sub.add_parser("compare", help="FP and several methods in one harness: results.json/.md and a plot",
                        description="Quantize MODEL with each method (same calibration windows, evaluation windows "
@@ -161,6 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--keep-checkpoints", action="store_true", help="keep every checkpoint under OUT/checkpoints")
     c.add_argument("--force", action="store_true", help="write into an earlier dgq compare output folder")
+    _add_placement(c)
 
     g = sub.add_parser("generate", help="generate text (streamed) from a prompt",
                        description="Greedy generation, streamed token by token.")
@@ -169,6 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-new-tokens", type=POSITIVE, default=64)
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     g.add_argument("--no-verify", action="store_true", help="skip the checkpoint checksums (faster load)")
+    _add_placement(g)
     return ap
 
 
@@ -182,18 +198,26 @@ def cmd_quantize(a) -> None:
                                     s_int_rounding=a.s_int_rounding, seed=a.seed, smooth=smooth,
                                     search=not a.no_search, phase2=not a.phase1_only, search_tokens=a.search_tokens,
                                     w_bits=a.w_bits, alpha=a.alpha, act_order=a.act_order))
+    parse_size(a.max_shard_size)
     t0 = time.perf_counter()
-    model, tok = load_model(a.model)
-    cfg, _ = plan(model, cfg)
-    if a.group_size is None and cfg.format != "w8a8":
-        print(f"group size {cfg.group_size} (chosen: 128 if it divides every quantized layer, else 64, else the "
-              f"largest size below 128 that does; --group-size sets it)")
-    calib = None
-    if methods.get(cfg.method).needs_calibration(cfg):
-        calib = calibration_windows(a.calib, tok, a.nsamples, a.calib_seqlen, a.seed)
-    quantize(model, cfg, calib=calib)
-    save(model, out, tokenizer=tok, overwrite=a.force)
-    log = model.dgq_config.get("calibration")
+    wants_calib = methods.get(cfg.method).needs_calibration(cfg)
+    if Path(a.model).expanduser().is_file():  # a GGUF is dequantized whole: quantized in memory
+        model, tok = load_model(a.model, dtype=a.dtype, device=a.device)
+        calib = calibration_windows(a.calib, tok, a.nsamples, a.calib_seqlen, a.seed) if wants_calib else None
+        quantize(model, cfg, calib=calib)
+        save(model, out, tokenizer=tok, overwrite=a.force, max_shard_size=a.max_shard_size)
+        qcfg = model.dgq_config
+    else:  # block by block from disk: one decoder block in memory at a time
+        folder = model_folder(a.model)
+        check_model_folder(folder)  # architecture, custom code, weights: refused before the tokenizer is read
+        tok = load_tokenizer(folder)
+        calib = calibration_windows(a.calib, tok, a.nsamples, a.calib_seqlen, a.seed) if wants_calib else None
+        qcfg = quantize_to(str(folder), out, cfg, calib=calib, device=a.device, dtype=a.dtype,
+                           max_shard_size=a.max_shard_size, overwrite=a.force)
+    if qcfg.get("group_size_auto") and qcfg["format"] != "w8a8":
+        print(f"group size {qcfg['group_size']} (chosen: 128 if it divides every quantized layer, else 64, else "
+              f"the largest size below 128 that does; --group-size sets it)")
+    log = qcfg.get("calibration")
     if log:
         worst = max(log["blocks"], key=lambda b: b["block_output_rel_error"])
         print(f"calibrated {len(log['blocks'])} blocks on {log['windows']} x {log['seqlen']} tokens in "
@@ -208,7 +232,7 @@ def cmd_eval(a) -> None:
     if a.tasks is not None:  # check the task list before loading the model
         tasks = check_tasks(a.tasks)
     out = check_output_file(a.json) if a.json is not None else None  # before the whole evaluation
-    model, tok = load_model(a.model, verify=not a.no_verify)
+    model, tok = load_model(a.model, dtype=a.dtype, device=a.device, verify=not a.no_verify)
     r = {}
     if tasks is None or a.text is not None:
         text = a.text or "squad-wiki"
@@ -229,7 +253,8 @@ def cmd_compare(a) -> None:
     _quiet_transformers()
     compare(a.model, methods=a.methods, calib=a.calib, text=a.text, out=a.out, group_size=a.group_size, act=a.act,
             nsamples=a.nsamples, calib_seqlen=a.calib_seqlen, seqlen=a.seqlen,
-            max_tokens=a.max_tokens or None, seed=a.seed, keep_checkpoints=a.keep_checkpoints, force=a.force)
+            max_tokens=a.max_tokens or None, seed=a.seed, keep_checkpoints=a.keep_checkpoints, force=a.force,
+            dtype=a.dtype, device=a.device)
     print(f"wrote {Path(a.out) / 'results.json'}, results.md, ppl_vs_bits.png")
 
 
@@ -237,13 +262,13 @@ def cmd_generate(a) -> None:
     _quiet_transformers()
     if not a.prompt.strip():
         raise DGQError("the prompt is empty")
-    model, tok = load_model(a.model, verify=not a.no_verify)
+    model, tok = load_model(a.model, dtype=a.dtype, device=a.device, verify=not a.no_verify)
     if a.chat and getattr(tok, "chat_template", None):
         text = tok.apply_chat_template([{"role": "user", "content": a.prompt}], tokenize=False,
                                        add_generation_prompt=True)
     else:
         text = a.prompt
-    enc = tok(text, return_tensors="pt")
+    enc = tok(text, return_tensors="pt").to(next(model.parameters()).device)
     with torch.no_grad():
         model.generate(**enc, max_new_tokens=a.max_new_tokens, do_sample=False,
                        streamer=TextStreamer(tok, skip_prompt=False), pad_token_id=tok.eos_token_id)

@@ -181,13 +181,14 @@ def quantized_bits_per_weight(model) -> float | None:
 def compare(model_ref: str, methods: str | None = None, calib: str = "squad-wiki", text: str = "lambada",
             out: str | os.PathLike = "compare-out", group_size: int = 128, act: str = "dynamic", nsamples: int = 32,
             calib_seqlen: int = 512, seqlen: int = 1024, max_tokens: int | None = 32768, seed: int = 0,
-            keep_checkpoints: bool = False, progress: bool = True, log=print, force: bool = False) -> list[dict]:
+            keep_checkpoints: bool = False, progress: bool = True, log=print, force: bool = False,
+            dtype="float32", device="cpu") -> list[dict]:
     """FP and each method spec of ``methods`` (default: every registered method) on the same windows; see the
     module docstring. Returns the result rows (also written to ``out``)."""
     rows = parse_methods(methods or ",".join(registry.names()), {"group_size": group_size, "act": act, "seed": seed})
     out = check_out(out, force)  # before loading anything
     out.mkdir(parents=True, exist_ok=True)
-    base, tok = load_model(model_ref)
+    base, tok = load_model(model_ref, dtype=dtype, device=device)
     ids, bos = eval_ids(text, tok, max_tokens)
     windows = calibration_windows(calib, tok, nsamples, calib_seqlen, seed)
     t0 = time.perf_counter()

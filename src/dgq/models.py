@@ -33,6 +33,7 @@ from .errors import DGQError
 from .fsutil import atomic_folder, is_dgq_checkpoint
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 @dataclass(frozen=True)
 class Alias:
@@ -53,6 +54,37 @@ DEFAULT_MODEL = "smollm2-135m"
 
 def cache_dir() -> Path:
     return Path(os.environ.get("DGQ_CACHE", Path.home() / ".cache" / "dgq"))
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``auto`` (CUDA when present), ``cpu``, ``cuda`` or ``cuda:i`` — checked to exist."""
+    name = str(device or "auto")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise DGQError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DGQError(f"device {name} asked for, but this machine has no CUDA device; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise DGQError(f"device {name} does not exist ({torch.cuda.device_count()} CUDA device(s))")
+    elif dev.type != "cpu":
+        raise DGQError(f"device {name}: dgq runs on cpu or cuda")
+    return dev
+
+
+def resolve_dtype(dtype, config_dtype=None) -> torch.dtype:
+    """``auto`` = the checkpoint's own dtype (float32 when it names none), else bfloat16, float16 or float32."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    name = str(dtype or "auto")
+    if name == "auto":
+        name = str(config_dtype or "float32").replace("torch.", "")
+    if name not in DTYPES:
+        raise DGQError(f"dtype {name!r} is not one of auto, {', '.join(DTYPES)}")
+    return DTYPES[name]
 
 
 def _first_line(e: Exception) -> str:
@@ -223,9 +255,31 @@ def alias_folder(alias: str) -> Path:
     return target
 
 
-def load_model(spec: str, dtype=torch.float32, device: str = "cpu", verify: bool = True):
+def model_folder(spec: str) -> Path:
+    """The Hugging Face folder ``spec`` names (an alias is converted once): what block-by-block quantization
+    (:mod:`dgq.stream`) reads. A ``.gguf`` file or a dgq checkpoint is refused with the reason."""
+    if spec in ALIASES:
+        return alias_folder(spec)
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise DGQError(f"model not found: {spec} (give a Hugging Face folder, a .gguf file, a dgq checkpoint, "
+                       f"or one of the aliases: {', '.join(ALIASES)})")
+    if path.is_file():
+        raise DGQError(f"{spec} is a file; block-by-block quantization reads a Hugging Face folder (a GGUF is "
+                       f"dequantized whole: load it with dgq.load_model and quantize it in memory)")
+    if is_dgq_checkpoint(path):
+        raise DGQError(f"{spec} is already a dgq checkpoint; quantize the original model")
+    if not (path / "config.json").is_file():
+        raise DGQError(f"{spec} is a folder without config.json; not a Hugging Face model folder")
+    return path
+
+
+def load_model(spec: str, dtype="float32", device="cpu", verify: bool = True):
     """Resolve ``spec`` and return ``(model, tokenizer)`` in eval mode; a dgq checkpoint comes back quantized
-    (``verify``: its checksums are checked, see :mod:`dgq.checkpoint`)."""
+    (``verify``: its checksums are checked, see :mod:`dgq.checkpoint`) in the dtypes it was saved in.
+    ``dtype``: ``auto`` (the folder's own; float32 for a GGUF), ``bfloat16``, ``float16``, ``float32`` or a torch
+    dtype; ``device``: ``auto``, ``cpu``, ``cuda[:i]``."""
+    device = resolve_device(device)
     if spec in ALIASES:
         path = alias_folder(spec)
     else:
@@ -236,7 +290,7 @@ def load_model(spec: str, dtype=torch.float32, device: str = "cpu", verify: bool
     if path.is_file():
         if path.suffix != ".gguf":
             raise DGQError(f"{spec} is a file but not a .gguf; give a Hugging Face folder or a .gguf file")
-        model, tok = _load_gguf(path, dtype)
+        model, tok = _load_gguf(path, resolve_dtype(dtype))
         arch_for_config(model.config)
         check_model_finite(model, str(path))
         return model.to(device).eval(), tok
@@ -246,6 +300,8 @@ def load_model(spec: str, dtype=torch.float32, device: str = "cpu", verify: bool
     if not (path / "config.json").is_file():
         raise DGQError(f"{spec} is a folder without config.json; not a Hugging Face model folder")
     check_model_folder(path)
+    raw = _json_object(path / "config.json")
+    dtype = resolve_dtype(dtype, raw.get("dtype") or raw.get("torch_dtype"))
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=False)
     except Exception as e:  # noqa: BLE001 - transformers raises many types for bad config values
