@@ -84,3 +84,77 @@ def test_streaming_refuses_what_it_cannot_read(tiny_hf_dir, tmp_path):
     with pytest.raises(DGQError, match="model not found"):
         quantize_to(str(tmp_path / "nope"), tmp_path / "o", DGQConfig(group_size=32))
     assert not (tmp_path / "o").exists()
+
+
+def test_not_enough_disk_is_refused_before_starting(tiny_hf_dir, tmp_path, monkeypatch):
+    import shutil as sh
+
+    from dgq import stream
+
+    real = sh.disk_usage
+    monkeypatch.setattr(stream.shutil, "disk_usage", lambda p: real(p)._replace(free=1000))
+    with pytest.raises(DGQError, match=r"not enough free disk for the output: it needs about 0\.\d+ GB"):
+        quantize_to(str(tiny_hf_dir), tmp_path / "o", DGQConfig(group_size=32), progress=False)
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_block_that_does_not_fit_the_device_names_itself(tiny_hf_dir, monkeypatch):
+    from dgq import stream
+
+    source = stream.FolderSource(tiny_hf_dir)
+    model = stream.skeleton(source, torch.float32, torch.device("cpu"))
+    io = stream.BlockIO(model, source, None, torch.device("cuda", 0), torch.float32)
+    monkeypatch.setattr(stream, "device_free_bytes", lambda d: 1000)
+    with pytest.raises(DGQError, match=r"block 1 needs 0\.\d+ GiB on cuda:0 but only 0\.00 GiB are free; use "
+                                       r"--device cpu"):
+        io.load(1)
+
+
+def test_interrupted_streaming_leaves_no_output(tiny_hf_dir, tmp_path, monkeypatch):
+    from dgq import stream
+
+    def boom(self, i):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(stream.BlockIO, "done", boom)
+    with pytest.raises(KeyboardInterrupt):
+        quantize_to(str(tiny_hf_dir), tmp_path / "o", DGQConfig(method="dgq", group_size=32, grid2=4), calib=CALIB,
+                    progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_weight_cache_off_gives_the_same_outputs_and_keeps_nothing(tiny_hf_dir, tmp_path):
+    quantize_to(str(tiny_hf_dir), tmp_path / "q", DGQConfig(group_size=32), progress=False)
+    cached, lean = dgq.load(tmp_path / "q"), dgq.load(tmp_path / "q", cache_weights=False)
+    with torch.no_grad():
+        assert torch.equal(cached(IDS).logits, lean(IDS).logits)
+    kept = [m.kernel_cache for m in lean.modules() if isinstance(m, dgq.formats.QuantLinear)]
+    assert kept and all(c == {} for c in kept)
+    assert any(m.kernel_cache for m in cached.modules() if isinstance(m, dgq.formats.QuantLinear))
+
+
+def test_alias_parts_joined_in_the_wrong_order_are_refused(tmp_path, monkeypatch):
+    from dgq import models
+
+    src = models.alias_gguf("smollm2-135m").read_bytes()[: 1 << 16]
+    for i, chunk in enumerate((src[:30000], src[30000:]), 1):
+        pkg = tmp_path / "site" / f"fake_part{i}"
+        (pkg / "data").mkdir(parents=True)
+        (pkg / "__init__.py").write_text("")
+        (pkg / "data" / "p.bin").write_bytes(chunk)
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.setenv("DGQ_CACHE", str(tmp_path / "cache"))
+    good = models.Alias((("fake_part1", "data/p.bin"), ("fake_part2", "data/p.bin")), ("a==1", "b==1"), len(src))
+    swapped = models.Alias((("fake_part2", "data/p.bin"), ("fake_part1", "data/p.bin")), ("b==1", "a==1"), len(src))
+    monkeypatch.setitem(models.ALIASES, "fake-good", good)
+    monkeypatch.setitem(models.ALIASES, "fake-swapped", swapped)
+    assert models.alias_gguf("fake-good").read_bytes() == src
+    with pytest.raises(DGQError, match="not a GGUF file .*joined in the wrong order"):
+        models.alias_gguf("fake-swapped")
+    short = models.Alias(good.parts, good.pip, len(src) + 1)
+    monkeypatch.setitem(models.ALIASES, "fake-short", short)
+    with pytest.raises(DGQError, match="a part is truncated or missing"):
+        models.alias_gguf("fake-short")
+    monkeypatch.setitem(models.ALIASES, "fake-missing", models.Alias((("no_such_pkg_x", "d"),), ("x==1",)))
+    with pytest.raises(DGQError, match="needs the package"):
+        models.alias_gguf("fake-missing")

@@ -414,12 +414,14 @@ def read_tensors(path: Path, model: nn.Module, names: dict) -> None:
             raise DGQError(f"{path}: {fname} is unreadable ({type(e).__name__}: {_first_line(e)})") from None
 
 
-def load(path: str | os.PathLike, device: str = "cpu", fuse: bool = True, verify: bool = True) -> nn.Module:
+def load(path: str | os.PathLike, device: str = "cpu", fuse: bool = True, verify: bool = True,
+         cache_weights: bool = True) -> nn.Module:
     """Load a dgq checkpoint as a runnable transformers model with quantized modules.
 
     ``fuse``: run the linears that share an input (q/k/v, gate/up) as one GEMM each (:func:`dgq.fuse_siblings`;
     same outputs, fewer launches, no extra memory). ``verify``: check the checksums recorded at save (see the
-    module docstring; the structural checks always run).
+    module docstring; the structural checks always run). ``cache_weights``: let the kernels keep expanded weights
+    between calls (faster; on the CPU 1-4 bytes per weight, see :mod:`dgq.kernels.cpu`) or expand them per call.
     """
     path = Path(path).expanduser()
     if not path.is_dir():
@@ -437,6 +439,7 @@ def load(path: str | os.PathLike, device: str = "cpu", fuse: bool = True, verify
     for name, m in model.named_modules():
         if isinstance(m, QuantLinear):
             m.check(f"{path}: {name}")
+            m.cache_weights = cache_weights
     model.dgq_config = q
     model = model.to(device).eval()
     if fuse:

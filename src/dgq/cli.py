@@ -87,6 +87,13 @@ def _add_calib(p):
     p.add_argument("--calib-seqlen", type=SEQLEN, default=512, help="tokens per calibration window (default 512)")
 
 
+def _add_runtime(p):
+    p.add_argument("--no-verify", action="store_true", help="skip the checkpoint checksums (faster load)")
+    p.add_argument("--no-weight-cache", action="store_true",
+                   help="expand quantized weights on every call instead of keeping them expanded (CPU: 1-4 bytes "
+                        "per weight kept otherwise); slower, 4-bit memory")
+
+
 def _add_placement(p, shards: bool = False):
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N (default auto)")
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
@@ -153,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--limit", type=POSITIVE, help="zero-shot: the first N documents of each task (default: all)")
     e.add_argument("--batch-size", type=POSITIVE, default=16, help="zero-shot: requests per forward (default 16)")
     e.add_argument("--json", help="write the result as JSON here")
-    e.add_argument("--no-verify", action="store_true", help="skip the checkpoint checksums (faster load)")
+    _add_runtime(e)
     _add_placement(e)
 
     c = sub.add_parser("compare", help="FP and several methods in one harness: results.json/.md and a plot",
@@ -183,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("prompt")
     g.add_argument("--max-new-tokens", type=POSITIVE, default=64)
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
-    g.add_argument("--no-verify", action="store_true", help="skip the checkpoint checksums (faster load)")
+    _add_runtime(g)
     _add_placement(g)
     return ap
 
@@ -232,7 +239,8 @@ def cmd_eval(a) -> None:
     if a.tasks is not None:  # check the task list before loading the model
         tasks = check_tasks(a.tasks)
     out = check_output_file(a.json) if a.json is not None else None  # before the whole evaluation
-    model, tok = load_model(a.model, dtype=a.dtype, device=a.device, verify=not a.no_verify)
+    model, tok = load_model(a.model, dtype=a.dtype, device=a.device, verify=not a.no_verify,
+                            cache_weights=not a.no_weight_cache)
     r = {}
     if tasks is None or a.text is not None:
         text = a.text or "squad-wiki"
@@ -262,7 +270,8 @@ def cmd_generate(a) -> None:
     _quiet_transformers()
     if not a.prompt.strip():
         raise DGQError("the prompt is empty")
-    model, tok = load_model(a.model, dtype=a.dtype, device=a.device, verify=not a.no_verify)
+    model, tok = load_model(a.model, dtype=a.dtype, device=a.device, verify=not a.no_verify,
+                            cache_weights=not a.no_weight_cache)
     if a.chat and getattr(tok, "chat_template", None):
         text = tok.apply_chat_template([{"role": "user", "content": a.prompt}], tokenize=False,
                                        add_generation_prompt=True)

@@ -276,7 +276,7 @@ def model_folder(spec: str) -> Path:
     return path
 
 
-def load_model(spec: str, dtype="float32", device="cpu", verify: bool = True):
+def load_model(spec: str, dtype="float32", device="cpu", verify: bool = True, cache_weights: bool = True):
     """Resolve ``spec`` and return ``(model, tokenizer)`` in eval mode; a dgq checkpoint comes back quantized
     (``verify``: its checksums are checked, see :mod:`dgq.checkpoint`) in the dtypes it was saved in.
     ``dtype``: ``auto`` (the folder's own; float32 for a GGUF), ``bfloat16``, ``float16``, ``float32`` or a torch
@@ -298,7 +298,7 @@ def load_model(spec: str, dtype="float32", device="cpu", verify: bool = True):
         return model.to(device).eval(), tok
     if is_dgq_checkpoint(path):
         refuse_custom_code(path)
-        return load(path, device=device, verify=verify), load_tokenizer(path)
+        return load(path, device=device, verify=verify, cache_weights=cache_weights), load_tokenizer(path)
     if not (path / "config.json").is_file():
         raise DGQError(f"{spec} is a folder without config.json; not a Hugging Face model folder")
     check_model_folder(path)

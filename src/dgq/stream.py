@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 
@@ -64,6 +65,10 @@ class FolderSource:
             return st.get_tensor(name)
 
 
+def device_free_bytes(device: torch.device) -> int:
+    return torch.cuda.mem_get_info(device)[0]
+
+
 class BlockIO:
     """Loads block ``i`` from the source before its turn and writes and releases it after (see
     :func:`dgq.calib.calibrate`)."""
@@ -80,6 +85,13 @@ class BlockIO:
 
     def load(self, i: int) -> None:
         prefix = self.prefix(i)
+        if self.device.type == "cuda":
+            itemsize = torch.empty((), dtype=self.dtype).element_size()
+            need = sum(t.numel() for t in self.blocks[i].parameters()) * itemsize
+            free = device_free_bytes(self.device)
+            if need > free:
+                raise DGQError(f"block {i} needs {need / 2**30:.2f} GiB on {self.device} but only {free / 2**30:.2f} "
+                               f"GiB are free; use --device cpu (or a smaller --dtype)")
         nbytes = 0
         for name, t in [*self.blocks[i].named_parameters(), *self.blocks[i].named_buffers()]:
             full = prefix + name
@@ -157,6 +169,7 @@ def quantize_to(model_ref: str, out, config: DGQConfig | None = None, calib: tor
         what = f"method {config.method}" if method.calibrated else "static activation scales"
         raise DGQError(f"{what} needs calibration data: pass calib token windows (CLI: --calib)")
     arch = arch_for_config(model.config)
+    check_disk(out, estimate_bytes(model, targets, config, dt))
     t0 = time.perf_counter()
     with torch.no_grad(), writing(out, overwrite, max_shard_size) as writer:
         io = BlockIO(model, source, writer, dev, dt)
@@ -180,6 +193,31 @@ def quantize_to(model_ref: str, out, config: DGQConfig | None = None, calib: tor
     for reason in slow:
         log.warning("dgq: %s", reason)
     return result
+
+
+def estimate_bytes(model: nn.Module, targets: dict, config, dtype: torch.dtype) -> int:
+    """Bytes of the checkpoint ``quantize_to`` will write: each target in its format (from an empty module of the
+    same shape, on the meta device), every other tensor in ``dtype``."""
+    quantized = 0
+    for t in targets.values():
+        with torch.device("meta"):
+            m = config.layer_class(t.module.in_features, t.module.out_features, t.group_size,
+                                   bias=t.module.bias is not None, act_mode=config.act_mode)
+        quantized += sum(b.numel() * b.element_size() for b in m.buffers())
+    skip = {id(p) for t in targets.values() for p in t.module.parameters()}
+    rest = sum(p.numel() for p in model.parameters() if id(p) not in skip) * torch.empty((), dtype=dtype).element_size()
+    return quantized + rest
+
+
+def check_disk(out, need: int) -> None:
+    """Refuse to start when the output's file system has less free space than the checkpoint needs (+5%)."""
+    base = Path(out).expanduser().absolute()
+    while not base.exists() and base.parent != base:
+        base = base.parent
+    free = shutil.disk_usage(base).free
+    if free < need * 1.05:
+        raise DGQError(f"not enough free disk for the output: it needs about {need / 1e9:.2f} GB, {base} has "
+                       f"{free / 1e9:.2f} GB free")
 
 
 class _LayerInfo:

@@ -32,6 +32,7 @@ class QuantLinear(nn.Module):
     group_size: int
     act_mode: str
     siblings = None  # the SiblingGroup this layer runs in (dgq.fuse), if any
+    cache_weights = True  # kernels may keep derived weights (expanded int8, dequantized) between calls
     sibling_index = -1
 
     def __init__(self, in_features: int, out_features: int, group_size: int, bias: bool = False,
@@ -156,6 +157,7 @@ class QuantLinear(nn.Module):
             setattr(fused, name, torch.cat([getattr(m, name) for m in members], 0) if name in rows
                     else getattr(m0, name))
         fused.name = "+".join(m.name or "?" for m in members)
+        fused.cache_weights = m0.cache_weights
         return fused
 
     def use_rows_of(self, other: QuantLinear, lo: int, hi: int) -> None:

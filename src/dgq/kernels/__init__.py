@@ -36,7 +36,8 @@ class WeightOnlyKernel:
         w = layer.kernel_cache.get(key)
         if w is None:
             w = layer.dequantized_weight(x.dtype)
-            layer.kernel_cache[key] = w
+            if layer.cache_weights:
+                layer.kernel_cache[key] = w
         b = None if layer.bias is None else layer.bias.to(x.dtype)
         return torch.nn.functional.linear(x, w, b)
 

@@ -1,8 +1,11 @@
 """CPU fast path: an exact int8 GEMM on the expanded int8 weight, then the shared float epilogue.
 
 The int8 weight ``w8 = s_int * (q - z)`` is expanded once per layer on first use and kept (non-persistent) in the
-layer's kernel cache: the CPU has no in-register expansion, so this trades RAM for speed. The saved checkpoint stays
-4-bit. Bitwise equal to the reference (exact int32 accumulators, same epilogue function).
+layer's kernel cache: the CPU has no in-register expansion, so this trades RAM for speed (1 byte per weight with
+``int_mm``, 4 with ``fp32-exact``: 6.5 GB or 26 GB for a 7B model, next to its 3.6 GB of 4-bit weights). With
+``layer.cache_weights`` off (``dgq.load(path, cache_weights=False)``, ``--no-weight-cache``) the weight is expanded
+on every call instead: memory stays at the 4-bit size, at the cost of the expansion per call. The saved checkpoint
+stays 4-bit. Bitwise equal to the reference (exact int32 accumulators, same epilogue function).
 
 Two exact ways to get the int32 product, chosen once per process by timing both on a small problem:
 
@@ -85,11 +88,12 @@ class CpuIntMMKernel:
         return None
 
     def weight_t(self, layer) -> torch.Tensor:
-        """The layer's int8 weight transposed, ``[K, N]`` (cached)."""
+        """The layer's int8 weight transposed, ``[K, N]`` (cached unless ``layer.cache_weights`` is off)."""
         w8t = layer.kernel_cache.get("cpu_w8t")
         if w8t is None:
             w8t = layer.int8_weight().t()
-            layer.kernel_cache["cpu_w8t"] = w8t
+            if layer.cache_weights:
+                layer.kernel_cache["cpu_w8t"] = w8t
         return w8t
 
     def int32_product(self, layer, x8: torch.Tensor) -> torch.Tensor:
@@ -98,7 +102,8 @@ class CpuIntMMKernel:
         w8t_f = layer.kernel_cache.get("cpu_w8t_f32")
         if w8t_f is None:
             w8t_f = layer.int8_weight().t().float()
-            layer.kernel_cache["cpu_w8t_f32"] = w8t_f
+            if layer.cache_weights:
+                layer.kernel_cache["cpu_w8t_f32"] = w8t_f
         return int32_via_fp32(x8, w8t_f)
 
     def forward(self, layer, x: torch.Tensor) -> torch.Tensor:
