@@ -44,6 +44,11 @@ log = logging.getLogger("dgq")
 DEFAULT_STREAM_SHARD = "1GB"  # the shard being assembled is held in memory: keep it small next to the model
 
 
+def has_tokenizer(path: Path) -> bool:
+    """Whether the folder ships tokenizer files (a weights-only folder is quantized without one)."""
+    return any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
+
+
 class FolderSource:
     """The tensors of a Hugging Face model folder, read one at a time from its safetensors files."""
 
@@ -187,8 +192,8 @@ def quantize_to(model_ref: str, out, config: DGQConfig | None = None, calib: tor
                             "largest_block_bytes": io.peak_block_bytes}
         if calibration is not None:
             qcfg["calibration"] = {"windows": int(calib.shape[0]), "seqlen": int(calib.shape[1]), **calibration}
-        result = writer.finish(model.config.to_dict(), qcfg, getattr(model, "generation_config", None),
-                               load_tokenizer(source.path))
+        tok = load_tokenizer(source.path) if has_tokenizer(source.path) else None
+        result = writer.finish(model.config.to_dict(), qcfg, getattr(model, "generation_config", None), tok)
     slow = kernels.slow_paths(_LayerInfo(e) for e in io.modules.values())
     for reason in slow:
         log.warning("dgq: %s", reason)

@@ -1,0 +1,180 @@
+"""Quantize a model of Llama-2-7B's shape on this machine, block by block from disk (dgq.stream), and measure
+peak RSS and time. The model is random (deterministic per tensor) bf16, written as safetensors shards (~13.5 GB,
+not committed); nothing of it is downloaded.
+
+    python benchmarks/big_model.py make --dir /tmp/llama7b-random
+    python benchmarks/big_model.py run --dir /tmp/llama7b-random --out benchmarks/results/big_model.json \
+        [--steps rtn,dgq,generate] [--dgq-blocks 2]
+
+Each step runs in its own process (peak RSS = that process's VmHWM): ``rtn`` quantizes the whole model data-free;
+``dgq`` calibrates with --nsamples 8 --seqlen 256 random windows and stops after --dgq-blocks blocks (per-block
+time, extrapolated total); ``generate`` reloads the rtn checkpoint without the CPU weight cache (4-bit memory)
+and greedily generates 16 tokens after an 8-token prompt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from _common import machine_info  # noqa: E402
+
+SHAPE = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+             num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5,
+             tie_word_embeddings=False)
+
+
+def _random(name: str, shape, std: float = 0.02) -> torch.Tensor:
+    g = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+    return (torch.randn(*shape, generator=g) * std).to(torch.bfloat16)
+
+
+def make(folder: Path) -> None:
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from dgq.fsutil import atomic_folder
+
+    config = LlamaConfig(**SHAPE, dtype="bfloat16")
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    shapes = {n: tuple(p.shape) for n, p in skeleton.named_parameters()}
+    groups: dict[str, list[str]] = {}
+    for n in shapes:
+        key = n.split(".")[2] if n.startswith("model.layers.") else "rest"
+        groups.setdefault(key, []).append(n)
+    files = {}
+    with atomic_folder(folder) as tmp:
+        keys = sorted(groups, key=lambda k: (k == "rest", int(k) if k.isdigit() else 0))
+        for i, key in enumerate(keys, 1):
+            fname = f"model-{i:05d}-of-{len(keys):05d}.safetensors"
+            tensors = {n: (torch.ones(shapes[n], dtype=torch.bfloat16) if "norm" in n else _random(n, shapes[n]))
+                       for n in groups[key]}
+            save_file(tensors, tmp / fname, metadata={"format": "pt"})
+            files.update({n: fname for n in tensors})
+            print(f"wrote {fname}", flush=True)
+        index = {"metadata": {"total_size": sum(2 * torch.Size(s).numel() for s in shapes.values())},
+                 "weight_map": files}
+        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
+        config.save_pretrained(tmp)
+
+
+def _peak_rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def step_rtn(folder: Path, out: Path) -> dict:
+    import dgq
+    from dgq.stream import quantize_to
+
+    t0 = time.perf_counter()
+    q = quantize_to(str(folder), out, dgq.DGQConfig(method="rtn", group_size=128), dtype="auto", overwrite=True,
+                    progress=False)
+    return {"seconds": round(time.perf_counter() - t0, 1), "peak_rss_mb": round(_peak_rss_mb()),
+            "checkpoint_bytes": sum(f.stat().st_size for f in out.glob("*.safetensors")),
+            "shards": len(list(out.glob("*.safetensors"))), "streamed": q["streamed"]}
+
+
+def step_dgq(folder: Path, out: Path, blocks: int) -> dict:
+    import dgq
+    from dgq import stream
+
+    times, t_start = [], time.perf_counter()
+    orig = stream.BlockIO.done
+
+    class Enough(Exception):
+        pass
+
+    def done(self, i):
+        orig(self, i)
+        times.append(round(time.perf_counter() - (times_end[-1] if times_end else t_start), 1))
+        times_end.append(time.perf_counter())
+        print(f"block {i}: {times[-1]} s, peak RSS {_peak_rss_mb():.0f} MB", flush=True)
+        if len(times) >= blocks:
+            raise Enough
+
+    times_end: list[float] = []
+    stream.BlockIO.done = done
+    calib = torch.randint(0, SHAPE["vocab_size"], (8, 256), generator=torch.Generator().manual_seed(0))
+    try:
+        stream.quantize_to(str(folder), out, dgq.DGQConfig(method="dgq", group_size=128), calib=calib,
+                           dtype="auto", overwrite=True, progress=False)
+    except Enough:
+        pass
+    first = times[0]  # includes capturing the block-0 inputs (one forward per window)
+    per_block = sum(times[1:]) / max(1, len(times) - 1) if len(times) > 1 else first
+    return {"nsamples": 8, "seqlen": 256, "blocks_run": len(times), "block_seconds": times,
+            "extrapolated_total_seconds": round(first + per_block * (SHAPE["num_hidden_layers"] - 1)),
+            "peak_rss_mb": round(_peak_rss_mb())}
+
+
+def step_generate(out: Path) -> dict:
+    import dgq
+
+    t0 = time.perf_counter()
+    model = dgq.load(out, cache_weights=False)
+    load_s = time.perf_counter() - t0
+    ids = torch.randint(0, SHAPE["vocab_size"], (1, 8), generator=torch.Generator().manual_seed(1))
+    t1 = time.perf_counter()
+    with torch.no_grad():
+        gen = model.generate(ids, max_new_tokens=16, do_sample=False, min_new_tokens=16)
+    gen_s = time.perf_counter() - t1
+    return {"load_seconds": round(load_s, 1), "generate_seconds": round(gen_s, 1), "new_tokens": gen.shape[1] - 8,
+            "tokens_per_second": round((gen.shape[1] - 8) / gen_s, 3), "weight_cache": False,
+            "peak_rss_mb": round(_peak_rss_mb())}
+
+
+def run(folder: Path, out_json: Path, steps: list[str], blocks: int) -> None:
+    results = json.loads(out_json.read_text()) if out_json.exists() else {}
+    results.update({"model": "random Llama-2-7B shape, bf16 safetensors shards", "shape": SHAPE,
+                    "machine": machine_info()})
+    for step in steps:
+        print(f"== {step}", flush=True)
+        r = subprocess.run([sys.executable, __file__, "_step", step, "--dir", str(folder), "--blocks", str(blocks)],
+                           capture_output=True, text=True)
+        sys.stderr.write(r.stderr[-3000:])
+        if r.returncode:
+            results[step] = {"error": r.stderr.strip().splitlines()[-1] if r.stderr.strip() else "failed"}
+        else:
+            results[step] = json.loads(r.stdout.strip().splitlines()[-1])
+        print(step, results[step], flush=True)
+        out_json.write_text(json.dumps(results, indent=2) + "\n")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("what", choices=["make", "run", "_step"])
+    ap.add_argument("step", nargs="?")
+    ap.add_argument("--dir", required=True, type=Path)
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/big_model.json"))
+    ap.add_argument("--steps", default="rtn,dgq,generate")
+    ap.add_argument("--blocks", "--dgq-blocks", type=int, default=2)
+    a = ap.parse_args()
+    ckpt = a.dir.with_name(a.dir.name + "-rtn")
+    if a.what == "make":
+        make(a.dir)
+    elif a.what == "run":
+        run(a.dir, a.out, a.steps.split(","), a.blocks)
+    elif a.step == "rtn":
+        print(json.dumps(step_rtn(a.dir, ckpt)))
+    elif a.step == "dgq":
+        print(json.dumps(step_dgq(a.dir, a.dir.with_name(a.dir.name + "-dgq"), a.blocks)))
+    else:
+        print(json.dumps(step_generate(ckpt)))
+
+
+if __name__ == "__main__":
+    main()
