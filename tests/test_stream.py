@@ -42,7 +42,8 @@ def test_streaming_equals_in_memory(tiny_hf_dir, tmp_path, spec):
 
 
 def test_streaming_holds_one_block(tiny_hf_dir, tmp_path, monkeypatch):
-    """While block i is quantized, every other block's weights are on the meta device."""
+    """While block i is quantized, every other block's weights (and the float linears it replaced) are on the meta
+    device."""
     from dgq import stream
 
     seen = []
@@ -51,12 +52,13 @@ def test_streaming_holds_one_block(tiny_hf_dir, tmp_path, monkeypatch):
     def load(self, i):
         orig(self, i)
         loaded = [j for j, b in enumerate(self.blocks) if not next(b.parameters()).is_meta]
-        seen.append((i, loaded))
+        held = {int(n.split(".")[2]) for n, t in self.targets.items() if not t.module.weight.is_meta}
+        seen.append((i, loaded, sorted(held)))
 
     monkeypatch.setattr(stream.BlockIO, "load", load)
     quantize_to(str(tiny_hf_dir), tmp_path / "o", DGQConfig(method="dgq", group_size=32, grid2=4), calib=CALIB,
                 progress=False)
-    assert seen == [(0, [0]), (1, [1])]
+    assert seen == [(0, [0], [0]), (1, [1], [1])]  # the replaced float linears are released with their block
 
 
 def test_bfloat16_source_dtype_and_devices(tiny_hf_dir, tmp_path):

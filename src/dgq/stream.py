@@ -78,8 +78,10 @@ class BlockIO:
     """Loads block ``i`` from the source before its turn and writes and releases it after (see
     :func:`dgq.calib.calibrate`)."""
 
-    def __init__(self, model: nn.Module, source: FolderSource, writer, device: torch.device, dtype: torch.dtype):
+    def __init__(self, model: nn.Module, source: FolderSource, writer, device: torch.device, dtype: torch.dtype,
+                 targets: dict | None = None):
         self.model, self.source, self.writer, self.device, self.dtype = model, source, writer, device, dtype
+        self.targets = targets or {}  # the float linears the plan holds: released with their block
         self.arch = arch_for_config(model.config)
         self.blocks = get_blocks(model, self.arch)
         self.modules: dict[str, dict] = {}  # quantized module entries, in block order
@@ -118,7 +120,10 @@ class BlockIO:
             if isinstance(m, QuantLinear):
                 self.modules[prefix + name] = module_entry(m)
         self.writer.add(state_of(block, prefix))
-        block.to("meta")  # release the block's memory
+        block.to("meta")  # release the block's memory, and that of the float linears it no longer holds
+        for name, t in self.targets.items():
+            if name.startswith(prefix):
+                t.module.to("meta")
 
 
 def skeleton(source: FolderSource, dtype: torch.dtype, device: torch.device) -> nn.Module:
@@ -177,7 +182,7 @@ def quantize_to(model_ref: str, out, config: DGQConfig | None = None, calib: tor
     check_disk(out, estimate_bytes(model, targets, config, dt))
     t0 = time.perf_counter()
     with torch.no_grad(), writing(out, overwrite, max_shard_size) as writer:
-        io = BlockIO(model, source, writer, dev, dt)
+        io = BlockIO(model, source, writer, dev, dt, targets)
         calibration = None
         if method.calibrated:
             calibration = calibrate(model, arch, targets, calib, config, method, progress=progress, blocks_io=io,
