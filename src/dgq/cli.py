@@ -100,9 +100,9 @@ def _add_placement(p, shards: bool = False):
                    help="dtype of the model's floating-point weights (default auto: the checkpoint's own; a GGUF "
                         "dequantizes to float32)")
     if shards:
-        p.add_argument("--max-shard-size", default="1GB",
-                       help="largest weights file of the output (e.g. 1GB, 500MB); more become shards with an "
-                            "index (default 1GB)")
+        p.add_argument("--max-shard-size", default="500MB",
+                       help="largest weights file of the output (e.g. 2GB, 500MB); more become shards with an "
+                            "index. The shard being written is held in memory (default 500MB)")
 
 
 def _quiet_transformers() -> None:

@@ -16,9 +16,11 @@ same inputs the result is bitwise the in-memory path's (``dgq.quantize`` then ``
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -41,7 +43,7 @@ from .formats import QuantLinear
 from .models import check_model_folder, load_tokenizer, model_folder, resolve_device, resolve_dtype
 
 log = logging.getLogger("dgq")
-DEFAULT_STREAM_SHARD = "1GB"  # the shard being assembled is held in memory: keep it small next to the model
+DEFAULT_STREAM_SHARD = "500MB"  # the shard being assembled is held in memory: keep it small next to the model
 
 
 def has_tokenizer(path: Path) -> bool:
@@ -68,6 +70,19 @@ class FolderSource:
             raise DGQError(f"{self.path}: tensor {name} is missing from the weights")
         with safe_open(f, framework="pt") as st:
             return st.get_tensor(name)
+
+
+def release_free_memory() -> None:
+    """Give freed heap memory back to the OS (glibc keeps it otherwise: on a 7B model, ~200 MB more resident
+    memory per finished block, all of it free); a no-op where there is no glibc."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+try:
+    _LIBC = ctypes.CDLL("libc.so.6") if sys.platform.startswith("linux") else None
+except OSError:  # pragma: no cover - musl and others
+    _LIBC = None
 
 
 def device_free_bytes(device: torch.device) -> int:
@@ -124,6 +139,7 @@ class BlockIO:
         for name, t in self.targets.items():
             if name.startswith(prefix):
                 t.module.to("meta")
+        release_free_memory()
 
 
 def skeleton(source: FolderSource, dtype: torch.dtype, device: torch.device) -> nn.Module:
