@@ -26,7 +26,7 @@ def test_qwen_loads_runs_and_quantizes(qwen):
     assert model.model.layers[0].self_attn.q_proj.bias is not None
     ids = tokenize(dgq.data.read_text("squad-wiki"), tok)[:512]
     fp = dgq.eval.perplexity.perplexity_of_ids(model, ids, 256, None, progress=False)["ppl"]
-    assert fp < 40, fp
+    assert fp < 100, fp  # a coder model on Wikipedia prose, 256-token windows: ~61; broken weights give thousands
     dgq.quantize(model, DGQConfig(method="rtn"), progress=False)  # the group size is chosen: 128 divides all
     assert model.dgq_config["group_size"] == 128
     q = dgq.eval.perplexity.perplexity_of_ids(model, ids, 256, None, progress=False)["ppl"]
