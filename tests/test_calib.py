@@ -93,7 +93,8 @@ def test_same_seed_bitwise_identical_checkpoint(tmp_path):
             cal.pop(key)
         for b in cal["blocks"]:
             b.pop("seconds")
-    assert cfgs[0] == cfgs[1]
+        c["quantization_config"]["checksums"].pop("config.json")  # a digest of the content, wall times included
+    assert cfgs[0] == cfgs[1]  # the weights' checksums too
     q = cfgs[0]["quantization_config"]
     assert q["recipe"]["method"] == "dgq" and q["act"] == "static"
     layers = q["calibration"]["blocks"][0]["linears"]

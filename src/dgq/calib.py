@@ -56,6 +56,9 @@ class LinearStats:
 
     def add_full(self, x: torch.Tensor, token: bool = False) -> None:
         """Accumulate ``xᵀx`` (and, with ``token``, the token-weighted ``x̂ᵀx̂``) over these tokens."""
+        # float64 where the math needs it: Σ xᵀx over tens of thousands of tokens with massive-activation channels
+        # (|x| ~ 1e3) loses the small entries in float32, and GPTQ inverts this matrix (gptq.inverse_hessian_factor,
+        # also float64); everything else in calibration is float32
         xd = x.double()
         self.h_sum = xd.T @ xd if self.h_sum is None else self.h_sum.add_(xd.T @ xd)
         if token:
@@ -146,8 +149,12 @@ def capture_block_inputs(model: nn.Module, arch: Arch, calib: torch.Tensor, devi
         if kwargs_per_block[-1] is not None:
             raise _Stop
 
+    def stop(mod, args):
+        raise _Stop  # nothing after the last block's keyword arguments is needed (final norm, lm_head)
+
     hooks = [b.register_forward_pre_hook(grab_kwargs(i), with_kwargs=True) for i, b in enumerate(blocks)]
     hooks.append(blocks[0].register_forward_pre_hook(grab_hidden, with_kwargs=True))
+    hooks.append(blocks[-1].register_forward_pre_hook(stop))
     stubs = _pass_through(list(blocks)[loaded:], blocks[0]) if loaded is not None else nullcontext()
     try:
         with stubs:
@@ -194,8 +201,9 @@ def watch_inputs(root: nn.Module, names: list[str], on_input):
 
 
 def input_rows(x: torch.Tensor, where: str) -> torch.Tensor:
-    """A linear's input as float32 ``[tokens, K]`` on the CPU; NaN/Inf is a calibration error naming ``where``."""
-    x = x.detach().reshape(-1, x.shape[-1]).float().cpu()
+    """A linear's input as float32 ``[tokens, K]`` on its device (the statistics stay where the block runs; the
+    block inputs/outputs are kept on the CPU); NaN/Inf is a calibration error naming ``where``."""
+    x = x.detach().reshape(-1, x.shape[-1]).float()
     if not torch.isfinite(x).all():
         raise DGQError(f"NaN/Inf in the input activations of {where} during calibration")
     return x
@@ -273,7 +281,7 @@ def _proxy_error(w: torch.Tensor, x: torch.Tensor, static_scale: float | None, g
     if static_scale is None:
         x8, s_x = quantize_per_token(x)
     else:
-        x8, s_x = quantize_per_tensor(x, torch.tensor(static_scale))
+        x8, s_x = quantize_per_tensor(x, torch.tensor(static_scale, device=x.device))
     return ((x8.float() * s_x[:, None]) @ w_hat.T - x @ w.T).square().sum().item()
 
 
@@ -327,7 +335,7 @@ def smooth_block(block: nn.Module, arch: Arch, prefix: str, targets: dict, stats
         if f is None or bool((f == 1).all()):
             continue
         if config.smooth == "selective":
-            dsts = {d: (block.get_submodule(d).weight.detach().float().cpu(), stats[d],
+            dsts = {d: (block.get_submodule(d).weight.detach().float(), stats[d],
                         targets[prefix + d].group_size) for d in spec.dsts}
             off, on = fold_gain(dsts, f, config)
             entry.setdefault("selective", {})[spec.src] = {"error_off": off, "error_on": on, "kept": on < off}
@@ -377,7 +385,7 @@ def quantize_block(block: nn.Module, index: int, prefix: str, targets: dict, sta
         lin = block.get_submodule(n)
         check_finite(lin.weight.detach(), f"weight of {prefix + n} (after smoothing)")
         layers = make_layers(method, lin, prefix + n, targets[prefix + n].group_size, stats[n], config)
-        made[n] = Made(lin.weight.detach().cpu(), lin.weight.device, layers)
+        made[n] = Made(lin.weight.detach(), lin.weight.device, layers)
     n_cand = max(len(m.candidates) for m in made.values())
     errors, best = [], None
     for j in range(n_cand):

@@ -149,6 +149,11 @@ class CheckpointWriter:
             self.pending_bytes += size
             self.total += size
 
+    def flush(self) -> None:
+        """End the current shard now (the writer holds its tensors until then)."""
+        if self.pending:
+            self._flush()
+
     def _flush(self) -> None:
         save_file(self.pending, self.folder / f".shard-{len(self.shards) + 1:05d}", metadata={"format": "pt"})
         self.shards.append(sorted(self.pending))

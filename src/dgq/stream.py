@@ -4,7 +4,8 @@ calibrated and quantized, written to the output checkpoint's current shard and r
 the reference GPTQ script's ``layers[i].to(dev)``, llm-compressor's sequential onloading.
 
 Peak host memory (the CPU case; on a GPU the block and the activations live on the device instead):
-    embeddings + lm_head (+ the final norm) in the chosen dtype
+    the embeddings in the chosen dtype until block 0's inputs are captured (the non-block tensors are written
+    first; lm_head and the final norm are released before calibrating, the embeddings after capturing)
   + one block in the chosen dtype, plus the quantizer's float32 temporaries for its largest linear (a few copies)
   + the calibration activations: windows x seqlen x hidden x 4 bytes, about three copies (the block's inputs, its
     float outputs and its quantized outputs; dgq methods only) and the sampled statistics
@@ -105,7 +106,19 @@ class BlockIO:
     def prefix(self, i: int) -> str:
         return f"{self.arch.blocks}.{i}."
 
+    def release_rest(self, keep_embeddings: bool) -> None:
+        """Put the non-block parameters (already written) on the meta device: ``lm_head`` and the final norm before
+        calibration starts (capturing stops at the last block), the embeddings too once block 0's inputs are
+        captured. Tied weights are released under both names."""
+        blocks_prefix = self.arch.blocks + "."
+        embed = {id(self.model.get_input_embeddings().weight)}
+        for name, p in list(self.model.named_parameters(remove_duplicate=False)):
+            if not name.startswith(blocks_prefix) and not p.is_meta and not (keep_embeddings and id(p) in embed):
+                set_module_tensor_to_device(self.model, name, "meta")
+
     def load(self, i: int) -> None:
+        if i > 0:
+            self.release_rest(keep_embeddings=False)
         prefix = self.prefix(i)
         if self.device.type == "cuda":
             itemsize = torch.empty((), dtype=self.dtype).element_size()
@@ -199,13 +212,16 @@ def quantize_to(model_ref: str, out, config: DGQConfig | None = None, calib: tor
     t0 = time.perf_counter()
     with torch.no_grad(), writing(out, overwrite, max_shard_size) as writer:
         io = BlockIO(model, source, writer, dev, dt, targets)
+        writer.add(state_of(model, exclude=arch.blocks + "."))  # embeddings, final norm, lm_head: unchanged
+        writer.flush()  # a shard of their own: the writer lets go of them
+        io.release_rest(keep_embeddings=True)
+        release_free_memory()
         calibration = None
         if method.calibrated:
             calibration = calibrate(model, arch, targets, calib, config, method, progress=progress, blocks_io=io,
                                     device=dev)
         else:
             _data_free(model, arch, targets, calib, config, method, io, dev, progress)
-        writer.add(state_of(model, exclude=arch.blocks + "."))
         qcfg = quantization_config_of(config, io.modules)
         qcfg["group_size_auto"] = auto
         qcfg["streamed"] = {"device": str(dev), "dtype": str(dt).replace("torch.", ""),

@@ -18,7 +18,7 @@ class AWQ(Method):
     smooth_by_act = {"static": True, "dynamic": True, "none": True}
 
     def smoothing(self, spec, block, stats, config, group_size):
-        weights = [block.get_submodule(d).weight.detach().float().cpu() for d in spec.dsts]
+        weights = [block.get_submodule(d).weight.detach().float() for d in spec.dsts]
         st = stats[spec.dsts[0]]
         f, info = awq_scales(st.x().abs().mean(0), st.hessian(), weights, group_size, grid=config.awq_grid)
         return f, {"alpha": info["alpha"]}

@@ -64,8 +64,9 @@ class Method:
 
 
 def float_weight_and_bias(lin: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The linear's weight as float32 and a copy of its bias, on the CPU (where the quantizers run)."""
-    return lin.weight.detach().float().cpu(), None if lin.bias is None else lin.bias.detach().cpu().clone()
+    """The linear's weight as float32 and a copy of its bias, on the linear's device (the quantizers run where the
+    block was onloaded: statistics, search, smoothing and GPTQ are device-agnostic tensor code)."""
+    return lin.weight.detach().float(), None if lin.bias is None else lin.bias.detach().clone()
 
 
 REGISTRY: dict[str, Method] = {}

@@ -21,7 +21,7 @@ def dgq_weight(w: torch.Tensor, h: torch.Tensor, g: int, config) -> DGQWeight:
 
 
 def dgq_layer(qw: DGQWeight, lin, name: str, stats, config) -> DGQLinear:
-    bias = None if lin.bias is None else lin.bias.detach().cpu().clone()
+    bias = None if lin.bias is None else lin.bias.detach().clone()
     act_scale = stats.static_scale() if config.act_mode == "static" else None
     return DGQLinear.from_weight(qw, bias, config.act_mode, act_scale, name)
 
@@ -36,7 +36,7 @@ class DGQ(Method):
         return smoothing_factors(stats[spec.dsts[0]].absmax()), {}
 
     def make_layers(self, lin, name, group_size, stats, config):
-        w = lin.weight.detach().float().cpu()
+        w = lin.weight.detach().float()
         h = stats.token_hessian() if config.token_weighted else stats.hessian()
         return [dgq_layer(dgq_weight(w, h, group_size, config), lin, name, stats, config)]
 

@@ -38,7 +38,7 @@ class DGQGPTQ(DGQ):
         return {"act_order": True, "token_weighted": True}
 
     def make_layers(self, lin, name, group_size, stats, config):
-        w = lin.weight.detach().float().cpu()
+        w = lin.weight.detach().float()
         h_fit = stats.token_hessian() if config.token_weighted else stats.hessian()
         return [dgq_layer(qw, lin, name, stats, config)
                 for qw in dgq_gptq_weight(w, stats.hessian(), group_size, config, h_fit)]

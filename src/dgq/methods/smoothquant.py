@@ -18,7 +18,7 @@ class SmoothQuant(Method):
     def smoothing(self, spec, block, stats, config, group_size):
         if spec.kind != "norm":
             return None, {}
-        weights = [block.get_submodule(d).weight.detach().float().cpu() for d in spec.dsts]
+        weights = [block.get_submodule(d).weight.detach().float() for d in spec.dsts]
         f = smoothquant_factors(stats[spec.dsts[0]].absmax(), weights, config.alpha)
         return f, {"alpha": config.alpha}
 

@@ -41,7 +41,7 @@ def awq_clip(w: torch.Tensor, h: torch.Tensor, group_size: int, grid: int = 20, 
     wg = w.float().view(n, k // g, g)
     hg = group_blocks(h.float(), g)
     org_max = wg.abs().amax(-1, keepdim=True)
-    best = torch.full((n, k // g), float("inf"))
+    best = torch.full((n, k // g), float("inf"), device=w.device)
     best_max = org_max.clone()
     for i in range(int(max_shrink * grid)):
         mx = org_max * (1 - i / grid)

@@ -31,8 +31,8 @@ class Grid:
     hi: torch.Tensor
 
     @classmethod
-    def empty(cls, n: int, groups: int) -> Grid:
-        return cls(*(torch.zeros(n, groups) for _ in range(4)))
+    def empty(cls, n: int, groups: int, device=None) -> Grid:
+        return cls(*(torch.zeros(n, groups, device=device) for _ in range(4)))
 
     def set(self, grp: int, step, zero, lo, hi) -> None:
         self.step[:, grp], self.zero[:, grp], self.lo[:, grp], self.hi[:, grp] = step, zero, lo, hi
@@ -46,8 +46,8 @@ def inverse_hessian_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
     """Upper Cholesky factor of ``(H + λI)⁻¹`` with ``λ = damp · mean(diag H)``; raises a clear error if ``H`` is
     not positive definite even after dampening."""
     k = h.shape[0]
-    hd = h.double().clone()
-    hd += damp * torch.diag(hd).mean().clamp_min(1e-12) * torch.eye(k, dtype=hd.dtype)
+    hd = h.double().clone()  # float64: the inverse of an ill-conditioned H (outlier channels) in float32 is noise
+    hd += damp * torch.diag(hd).mean().clamp_min(1e-12) * torch.eye(k, dtype=hd.dtype, device=hd.device)
     lower, info = torch.linalg.cholesky_ex(hd)
     if int(info) != 0:
         raise DGQError(f"GPTQ: the calibration Hessian is not positive definite after {damp:.0%} dampening; "
@@ -75,19 +75,19 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, group_size: int, find: FindF
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
     if static is None and act_order:
-        static = Grid.empty(n, k // g)
+        static = Grid.empty(n, k // g, w.device)
         for grp in range(k // g):
             static.set(grp, *find(W[:, grp * g:(grp + 1) * g]))
-    grid = static if static is not None else Grid.empty(n, k // g)
-    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(k)
+    grid = static if static is not None else Grid.empty(n, k // g, w.device)
+    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(k, device=w.device)
     W, H = W[:, perm], H[perm][:, perm]
     hinv = inverse_hessian_factor(H, damp)
-    codes = torch.zeros(n, k)
+    codes = torch.zeros(n, k, device=w.device)
     cols = perm.tolist()
     for i1 in range(0, k, block_size):
         i2 = min(i1 + block_size, k)
         w1 = W[:, i1:i2].clone()
-        err1 = torch.zeros(n, i2 - i1)
+        err1 = torch.zeros(n, i2 - i1, device=w.device)
         hinv1 = hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
             col = cols[i1 + i]

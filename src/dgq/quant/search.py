@@ -22,12 +22,12 @@ EPS = 1e-10
 
 def default_grid1(n: int = 20) -> torch.Tensor:
     """The release's phase-1 ratios ``1.02 − 0.22·(i+1)/n`` (1.009 … 0.80 for n = 20)."""
-    return torch.tensor([1.02 - 0.22 * (i + 1) / n for i in range(n)])
+    return torch.tensor([1.02 - 0.22 * (i + 1) / n for i in range(n)], device="cpu")  # host-side: read as floats
 
 
 def default_grid2(n: int = 80) -> torch.Tensor:
     """The release's phase-2 ratios ``1.02 − 0.82·(i+1)/n`` (1.01 … 0.20 for n = 80)."""
-    return torch.tensor([1.02 - 0.82 * (i + 1) / n for i in range(n)])
+    return torch.tensor([1.02 - 0.82 * (i + 1) / n for i in range(n)], device="cpu")
 
 
 def hessian(x: torch.Tensor) -> torch.Tensor:
@@ -39,7 +39,7 @@ def hessian(x: torch.Tensor) -> torch.Tensor:
 def group_blocks(h: torch.Tensor, g: int) -> torch.Tensor:
     """The diagonal ``[G, g, g]`` blocks of ``h [K, K]``."""
     k = h.shape[0]
-    idx = torch.arange(k).view(k // g, g)
+    idx = torch.arange(k, device=h.device).view(k // g, g)
     return h[idx[:, :, None], idx[:, None, :]]
 
 
@@ -50,9 +50,9 @@ def phase1(w: torch.Tensor, h: torch.Tensor, g: int, grid: torch.Tensor | None =
     wg = w.float().view(n, k // g, g)
     hg = group_blocks(h, g)
     wmin, wmax = group_minmax(w, g)
-    best = torch.full((n, k // g), float("inf"))
-    best_s = torch.zeros(n, k // g)
-    best_z = torch.zeros(n, k // g)
+    best = torch.full((n, k // g), float("inf"), device=w.device)
+    best_s = torch.zeros(n, k // g, device=w.device)
+    best_z = torch.zeros(n, k // g, device=w.device)
     for r in grid.tolist():
         lo, hi = r * wmin, r * wmax
         s = ((hi - lo) / CODE_MAX).clamp_min(EPS)
@@ -94,9 +94,9 @@ def phase2(w: torch.Tensor, h: torch.Tensor, s_group: torch.Tensor, z: torch.Ten
     wf = w.float()
     n = w.shape[0]
     absmax = wf.abs().amax(1).clamp_min(EPS)
-    best = torch.full((n,), float("inf"))
+    best = torch.full((n,), float("inf"), device=w.device)
     best_sint = torch.ones_like(s_group)
-    best_r = torch.ones(n)
+    best_r = torch.ones(n, device=w.device)
 
     def consider(r: torch.Tensor):
         nonlocal best, best_sint, best_r
@@ -110,7 +110,7 @@ def phase2(w: torch.Tensor, h: torch.Tensor, s_group: torch.Tensor, z: torch.Ten
             best_r = torch.where(better, r, best_r)
 
     for r in grid.tolist():
-        consider(torch.full((n,), r))
+        consider(torch.full((n,), r, device=w.device))
     if refine > 0 and len(grid) > 1:
         step = float((grid[0] - grid[-1]).abs()) / (len(grid) - 1)
         center = best_r.clone()
@@ -136,7 +136,7 @@ def dgq_search(w: torch.Tensor, h: torch.Tensor, g: int, phase2_enabled: bool = 
     if phase2_enabled:
         s_ch, s_int, _, r = phase2(w, h, s_group, z, g, grid2, roundings, refine)
     else:
-        s_ch, s_int, _, r = phase2(w, h, s_group, z, g, torch.tensor([1.0]), ("round",))
+        s_ch, s_int, _, r = phase2(w, h, s_group, z, g, torch.ones(1, device="cpu"), ("round",))  # a host grid
     zeros = z.to(torch.int8)
     s_int8 = s_int.to(torch.int8)
     lim = (r * w.float().abs().amax(1))[:, None]
