@@ -11,6 +11,9 @@ default (``verify=False`` / ``--no-verify`` skips the hashing, for speed): a fli
 removed tensor, or an edit of config.json is an error, not a model that runs. Whatever ``verify`` says, every tensor
 is checked by name, shape and dtype (unknown ones refused), every float tensor must be finite, and every quantized
 module's format invariants must hold.
+
+config.json also carries :data:`HF_GUARD` (see there): transformers without ``import dgq`` refuses the folder;
+with it, :mod:`dgq.hf` loads it through ``from_pretrained``.
 """
 
 from __future__ import annotations

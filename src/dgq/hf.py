@@ -89,6 +89,12 @@ if HfQuantizer is not None:
             self.q: dict = {}
 
         def validate_environment(self, *args, device_map=None, **kwargs):
+            if "update_attn_implementation" not in vars(HfQuantizer):  # e.g. transformers 4.x
+                import transformers
+
+                raise DGQError(f"from_pretrained cannot load dgq checkpoints with transformers "
+                               f"{transformers.__version__} (its quantizers never see the model config before the "
+                               f"weights are looked up); load them with dgq.load")
             if isinstance(device_map, dict) and "disk" in {str(v) for v in device_map.values()}:
                 raise DGQError("dgq checkpoints cannot be offloaded to disk (device_map has 'disk')")
 
