@@ -277,3 +277,17 @@ def test_registration_is_idempotent():
     assert hf.register() and hf.register()
     assert before == (hf.DGQQuantizationConfig, hf.DGQHfQuantizer)
     assert (auto.AUTO_QUANTIZATION_CONFIG_MAPPING["dgq"], auto.AUTO_QUANTIZER_MAPPING["dgq"]) == before
+
+
+def test_bf16_checkpoint(tmp_path):
+    """A checkpoint of a bfloat16 model: dtype="auto" (or bfloat16) loads it as dgq.load does, bitwise."""
+    make_tiny("llama").save_pretrained(tmp_path / "fp")
+    m = hf_load(tmp_path / "fp", dtype=torch.bfloat16)
+    dgq.quantize(m, DGQConfig(method="rtn", group_size=32), progress=False)
+    path = dgq.save(m, tmp_path / "bf16")
+    ref = logits(dgq.load(path))
+    assert ref.dtype == torch.bfloat16
+    for dtype in ("auto", torch.bfloat16):
+        model = hf_load(path, dtype=dtype)
+        assert model.model.layers[0].self_attn.q_proj.channel_scale.dtype == torch.float32
+        assert torch.equal(logits(model), ref)

@@ -99,7 +99,8 @@ if HfQuantizer is not None:
                 raise DGQError("dgq checkpoints cannot be offloaded to disk (device_map has 'disk')")
 
         def update_attn_implementation(self, config):
-            if getattr(config, HF_GUARD_KEY, None) == HF_GUARD:
+            guard = getattr(config, HF_GUARD_KEY, None)
+            if guard == HF_GUARD or (isinstance(guard, str) and guard.startswith("dgq checkpoint")):
                 delattr(config, HF_GUARD_KEY)  # transformers resolves the weights files next: the standard names
             return config
 
@@ -141,7 +142,7 @@ if HfQuantizer is not None:
                     m.check(f"{path}: {name}")
                     m.kernel_cache = {}
             model.dgq_config = dict(self.q)
-            model.save_pretrained = types.MethodType(_save_pretrained, model)
+            model.save_pretrained = types.MethodType(save_pretrained, model)
             fuse_siblings(model)
             return model
 
@@ -181,7 +182,7 @@ def check_tensor_headers(path: Path, model: torch.nn.Module, names: dict) -> Non
             raise DGQError(f"{path}: tensor {name} is {dtype}, expected {target.dtype}")
 
 
-def _save_pretrained(model, save_directory, *args, **kwargs):
+def save_pretrained(model, save_directory, *args, **kwargs):
     """``save_pretrained`` of a model loaded with from_pretrained: transformers writes the folder, then config.json
     gets the guard back and the checksums of the files written (a dgq checkpoint ``dgq.load`` verifies)."""
     if kwargs.get("push_to_hub"):
