@@ -242,6 +242,10 @@ def test_bad_checkpoints_raise_dgq_errors(ckpts, tmp_path):
         hf_load(edit_tensors("dtype", lambda t: t.__setitem__(
             "model.layers.0.self_attn.q_proj.scales", t["model.layers.0.self_attn.q_proj.scales"].int())))
     one_line(e)
+    with pytest.raises(DGQError, match=r"embed_tokens.weight is I8, expected a float tensor") as e:
+        hf_load(edit_tensors("intemb", lambda t: t.__setitem__(
+            "model.embed_tokens.weight", t["model.embed_tokens.weight"].to(torch.int8))))
+    one_line(e)
 
     def edit_config(name, fn):
         p = copy_of(src, tmp_path, name)

@@ -178,8 +178,12 @@ def check_tensor_headers(path: Path, model: torch.nn.Module, names: dict) -> Non
         _, shape, dtype = names[name]
         if tuple(shape) != tuple(target.shape):
             raise DGQError(f"{path}: tensor {name} has shape {tuple(shape)}, expected {tuple(target.shape)}")
-        if name in quantized and _DTYPES.get(dtype) != target.dtype:
+        src = _DTYPES.get(dtype)
+        if name in quantized and src != target.dtype:
             raise DGQError(f"{path}: tensor {name} is {dtype}, expected {target.dtype}")
+        if src is None or src.is_floating_point != target.dtype.is_floating_point:  # floats are cast, others not
+            want = "a float tensor" if target.dtype.is_floating_point else target.dtype
+            raise DGQError(f"{path}: tensor {name} is {dtype}, expected {want}")
 
 
 def save_pretrained(model, save_directory, *args, **kwargs):
