@@ -295,3 +295,42 @@ def test_bf16_checkpoint(tmp_path):
         model = hf_load(path, dtype=dtype)
         assert model.model.layers[0].self_attn.q_proj.channel_scale.dtype == torch.float32
         assert torch.equal(logits(model), ref)
+
+
+@pytest.mark.parametrize("case", ["dgq", "w8a8"])
+def test_flipped_bits_same_verdict_as_dgq_load(ckpts, case, tmp_path):
+    """Random bit flips in the tensors (checksums recomputed, so only the structural checks can object): from_pretrained
+    and dgq.load both refuse with a DGQError, or both load with bitwise equal logits."""
+    src = ckpts[case]
+    gen = torch.Generator().manual_seed(11)
+    tensors = load_file(src / WEIGHTS)
+    names = sorted(n for n in tensors if "rotary_emb" not in n)  # rotary tables: transformers recomputes them
+    verdicts = set()
+    for i in range(13):
+        t = dict(tensors)
+        name = names[int(torch.randint(len(names), (1,), generator=gen))]
+        raw = t[name].clone().reshape(-1).view(torch.uint8)
+        at = int(torch.randint(raw.numel(), (1,), generator=gen))
+        bit = int(torch.randint(8, (1,), generator=gen))
+        if i == 12:  # and one flip that must be refused: the sign of a channel scale
+            name, at, bit = "model.layers.1.mlp.up_proj.channel_scale", 3, 7
+            raw = t[name].clone().reshape(-1).view(torch.uint8)
+        raw[at] ^= 1 << bit
+        t[name] = raw.view(t[name].dtype).reshape(t[name].shape)
+        path = tmp_path / f"m{i}"
+        path.mkdir()
+        shutil.copy(src / "config.json", path / "config.json")
+        save_file(t, path / WEIGHTS, metadata={"format": "pt"})
+        reseal(path)
+        results = []
+        for load in (dgq.load, hf_load):
+            try:
+                results.append(logits(load(path)))
+            except DGQError as e:
+                one_line(pytest.ExceptionInfo.from_exc_info((DGQError, e, e.__traceback__)))
+                results.append(None)
+        assert (results[0] is None) == (results[1] is None), f"{name}: one loader refused, the other did not"
+        if results[0] is not None:
+            assert torch.equal(results[0], results[1]) or bool(torch.isnan(results[0]).any()), name
+        verdicts.add(results[0] is None)
+    assert verdicts == {True, False}  # the flips hit both kinds of bits

@@ -131,7 +131,7 @@ if HfQuantizer is not None:
             for name in self.names:
                 t = tensors.get(name)
                 if t is None:
-                    continue  # a non-persistent buffer transformers recomputed (rotary tables): not read
+                    continue  # a tied copy (checked against the model before loading)
                 if t.is_meta:
                     raise DGQError(f"{path}: tensor {name} was not loaded")
                 if t.is_floating_point() and not bool(torch.isfinite(t).all()):
