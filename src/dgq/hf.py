@@ -16,7 +16,14 @@ Without ``import dgq``, plain transformers would only warn ("Unknown quantizatio
 layers at random. Checkpoints therefore carry :data:`dgq.checkpoint.HF_GUARD` in config.json's
 ``transformers_weights`` (the weights file transformers should read), which transformers refuses with that message;
 the quantizer removes it before transformers looks for the weights (``update_attn_implementation`` is its only hook
-that sees the model config that early).
+that sees the model config that early). Checkpoints written before the guard still load silently wrong in plain
+transformers (re-save them with dgq to add it). The other lever, a tensor whose shape differs from the float model's
+(transformers raises on size mismatches), does not exist for W8A8 (``weight`` int8 ``[N, K]``, cast silently).
+
+Saving: ``save_pretrained`` writes every parameter and buffer (``get_state_dict_and_metadata``: what ``dgq.save``
+writes); the loaded model's ``save_pretrained`` is wrapped (on the instance) to put the guard back afterwards
+(transformers drops ``transformers_weights`` from every config it saves) and record fresh checksums, so the folder is
+a dgq checkpoint that ``dgq.load`` verifies.
 
 ``dgq.load`` stays the reference loader (``verify=False``, ``cache_weights``, ``device``, exact dtypes, no
 transformers loading machinery); this module loads the same tensors into the same modules, so the logits are bitwise
