@@ -25,8 +25,9 @@ CASES = {
     "w4a16": ("llama", DGQConfig(method="gptq", group_size=32)),
     "w8a8": ("llama", DGQConfig(method="smoothquant", act="static")),
     "qwen2": ("qwen2", DGQConfig(method="rtn", group_size=32)),
+    "ignore": ("llama", DGQConfig(method="rtn", group_size=32, ignore=("model.layers.1.self_attn.k_proj",))),
 }
-FORMAT = {"dgq": "dgq", "w4a16": "w4a16", "w8a8": "w8a8", "qwen2": "dgq"}
+FORMAT = {"dgq": "dgq", "w4a16": "w4a16", "w8a8": "w8a8", "qwen2": "dgq", "ignore": "dgq"}
 
 
 def tokenizer():
@@ -81,7 +82,10 @@ def test_from_pretrained_equals_dgq_load(ckpts, case):
     model = hf_load(path)
     assert torch.equal(logits(model), logits(ref))
     quant = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
-    assert len(quant) == 14 and {m.format for m in quant.values()} == {FORMAT[case]}
+    assert len(quant) == (13 if case == "ignore" else 14) and {m.format for m in quant.values()} == {FORMAT[case]}
+    if case == "ignore":  # left in floating point, read from the checkpoint as it is
+        k, k_ref = (m.get_submodule("model.layers.1.self_attn.k_proj") for m in (model, ref))
+        assert type(k) is torch.nn.Linear and torch.equal(k.weight, k_ref.weight)
     assert all(m.siblings is not None for n, m in quant.items() if n.endswith(("q_proj", "gate_proj")))  # fused
     assert model.dgq_config["modules"] == ref.dgq_config["modules"] and model.is_quantized
     if case == "qwen2":
