@@ -11,6 +11,9 @@ default (``verify=False`` / ``--no-verify`` skips the hashing, for speed): a fli
 removed tensor, or an edit of config.json is an error, not a model that runs. Whatever ``verify`` says, every tensor
 is checked by name, shape and dtype (unknown ones refused), every float tensor must be finite, and every quantized
 module's format invariants must hold.
+
+config.json also carries :data:`HF_GUARD` (see there): transformers without ``import dgq`` refuses the folder;
+with it, :mod:`dgq.hf` loads it through ``from_pretrained``.
 """
 
 from __future__ import annotations
@@ -43,6 +46,11 @@ WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 FORMAT_VERSION = 2  # of the checkpoint layout and its quantization_config; load reads 1 (no checksums) and 2
 DEFAULT_MAX_SHARD = 5 * 10**9  # bytes per shard (transformers' default "5GB")
+# A config.json key only transformers reads (the weights file to load) holding a name it refuses: plain transformers
+# stops with this message instead of loading a model with random quantized layers; dgq's quantizer (dgq.hf) removes
+# it before transformers looks for the weights, and dgq.load never reads it.
+HF_GUARD_KEY = "transformers_weights"
+HF_GUARD = "dgq checkpoint: run `import dgq` before from_pretrained (pip install dgq), or load it with dgq.load"
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)\s*$", re.IGNORECASE)
 
 
@@ -172,19 +180,27 @@ class CheckpointWriter:
             weight_map = {t: name for name, shard in zip(names, self.shards, strict=True) for t in shard}
             index = {"metadata": {"total_size": self.total}, "weight_map": dict(sorted(weight_map.items()))}
             (self.folder / INDEX).write_text(json.dumps(index, indent=2) + "\n")
-        cfg = dict(model_config)
-        cfg["quantization_config"] = {k: v for k, v in qcfg.items() if k != "checksums"}
-        cfg["quantization_config"]["format_version"] = FORMAT_VERSION
-        cfg = json.loads(json.dumps(cfg))  # the digest is of what load reads back (tuples become lists...)
-        sums = {"config.json": f"sha256:{config_sha256(cfg)}"}
-        sums.update({name: f"sha256:{file_sha256(self.folder / name)}" for name in names})
-        cfg["quantization_config"]["checksums"] = sums
-        (self.folder / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+        cfg = write_config(self.folder, model_config, qcfg, names)
         if generation_config is not None:
             generation_config.save_pretrained(self.folder)
         if tokenizer is not None:
             tokenizer.save_pretrained(self.folder)
         return cfg["quantization_config"]
+
+
+def write_config(folder: Path, model_config: dict, qcfg: dict, weights: list[str]) -> dict:
+    """Write ``folder/config.json``: the model config, the guard that stops plain transformers (:data:`HF_GUARD`)
+    and the quantization_config with the checksums of itself and of the ``weights`` files; returns what it wrote."""
+    cfg = dict(model_config)
+    cfg[HF_GUARD_KEY] = HF_GUARD
+    cfg["quantization_config"] = {k: v for k, v in qcfg.items() if k != "checksums"}
+    cfg["quantization_config"]["format_version"] = FORMAT_VERSION
+    cfg = json.loads(json.dumps(cfg))  # the digest is of what load reads back (tuples become lists...)
+    sums = {"config.json": f"sha256:{config_sha256(cfg)}"}
+    sums.update({name: f"sha256:{file_sha256(folder / name)}" for name in weights})
+    cfg["quantization_config"]["checksums"] = sums
+    (folder / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    return cfg
 
 
 @contextmanager
