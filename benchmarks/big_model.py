@@ -88,7 +88,7 @@ def step_rtn(folder: Path, out: Path) -> dict:
             "shards": len(list(out.glob("*.safetensors"))), "streamed": q["streamed"]}
 
 
-def step_dgq(folder: Path, out: Path, blocks: int) -> dict:
+def step_dgq(folder: Path, out: Path, blocks: int, grid2: int = 80) -> dict:
     import dgq
     from dgq import stream
 
@@ -111,13 +111,14 @@ def step_dgq(folder: Path, out: Path, blocks: int) -> dict:
     calib = torch.randint(0, SHAPE["vocab_size"], (8, 256), generator=torch.Generator().manual_seed(0))
     try:
         # float32: on a CPU without native bf16 (AVX2) bf16 GEMMs run ~5x slower than float32 ones
-        stream.quantize_to(str(folder), out, dgq.DGQConfig(method="dgq", group_size=128), calib=calib,
+        stream.quantize_to(str(folder), out, dgq.DGQConfig(method="dgq", group_size=128, grid2=grid2), calib=calib,
                            dtype="float32", overwrite=True, progress=False)
     except Enough:
         pass
     first = times[0]  # includes capturing the block-0 inputs (one forward per window)
     per_block = sum(times[1:]) / max(1, len(times) - 1) if len(times) > 1 else first
-    return {"nsamples": 8, "seqlen": 256, "dtype": "float32", "blocks_run": len(times), "block_seconds": times,
+    return {"nsamples": 8, "seqlen": 256, "dtype": "float32", "grid2": grid2, "blocks_run": len(times),
+            "block_seconds": times,
             "extrapolated_total_seconds": round(first + per_block * (SHAPE["num_hidden_layers"] - 1)),
             "peak_rss_mb": round(_peak_rss_mb())}
 
@@ -138,20 +139,22 @@ def step_generate(out: Path) -> dict:
             "peak_rss_mb": round(_peak_rss_mb())}
 
 
-def run(folder: Path, out_json: Path, steps: list[str], blocks: int) -> None:
+def run(folder: Path, out_json: Path, steps: list[str], blocks: int, grid2: int) -> None:
     results = json.loads(out_json.read_text()) if out_json.exists() else {}
     results.update({"model": "random Llama-2-7B shape, bf16 safetensors shards", "shape": SHAPE,
                     "machine": machine_info()})
     for step in steps:
         print(f"== {step}", flush=True)
-        r = subprocess.run([sys.executable, __file__, "_step", step, "--dir", str(folder), "--blocks", str(blocks)],
-                           capture_output=True, text=True)
+        r = subprocess.run([sys.executable, __file__, "_step", step, "--dir", str(folder), "--blocks", str(blocks),
+                            "--grid2", str(grid2)], capture_output=True, text=True)
         sys.stderr.write(r.stderr[-3000:])
+        key = step if step != "dgq" or grid2 == 80 else f"dgq_grid2_{grid2}"
         if r.returncode:
-            results[step] = {"error": r.stderr.strip().splitlines()[-1] if r.stderr.strip() else "failed"}
+            results[key] = {"error": r.stderr.strip().splitlines()[-1] if r.stderr.strip() else "failed"}
         else:
-            results[step] = json.loads(r.stdout.strip().splitlines()[-1])
-        print(step, results[step], flush=True)
+            results[key] = json.loads(r.stdout.strip().splitlines()[-1])
+        results[key]["date"] = results["machine"]["date"]
+        print(key, results[key], flush=True)
         out_json.write_text(json.dumps(results, indent=2) + "\n")
 
 
@@ -163,16 +166,18 @@ def main():
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/big_model.json"))
     ap.add_argument("--steps", default="rtn,dgq,generate")
     ap.add_argument("--blocks", "--dgq-blocks", type=int, default=2)
+    ap.add_argument("--grid2", type=int, default=80, help="dgq's phase-2 grid (default 80 as in dgq; a short grid "
+                    "measures memory quickly: the search's temporaries do not grow with it)")
     a = ap.parse_args()
     ckpt = a.dir.with_name(a.dir.name + "-rtn")
     if a.what == "make":
         make(a.dir)
     elif a.what == "run":
-        run(a.dir, a.out, a.steps.split(","), a.blocks)
+        run(a.dir, a.out, a.steps.split(","), a.blocks, a.grid2)
     elif a.step == "rtn":
         print(json.dumps(step_rtn(a.dir, ckpt)))
     elif a.step == "dgq":
-        print(json.dumps(step_dgq(a.dir, a.dir.with_name(a.dir.name + "-dgq"), a.blocks)))
+        print(json.dumps(step_dgq(a.dir, a.dir.with_name(a.dir.name + "-dgq"), a.blocks, a.grid2)))
     else:
         print(json.dumps(step_generate(ckpt)))
 

@@ -126,3 +126,28 @@ def test_token_hessian_weights_every_token_equally():
         full.token_hessian()
     full.add_full(x, token=True)
     assert torch.allclose(LinearStats(h_tok=(xn.T @ xn).double(), h_count=64).token_hessian(), xn.T @ xn / 64)
+
+
+def test_candidates_expand_per_call_while_calibrating(monkeypatch):
+    """Calibration runs the candidates without caching their expanded weights (memory: one float block, not a block
+    plus an int8/float32 copy per candidate); the chosen layers cache again afterwards."""
+    from dgq import calib as calib_mod
+    from dgq.formats import QuantLinear
+
+    seen = []
+    orig = calib_mod.run_block
+
+    def run_block(block, hidden, kwargs, device):
+        out = orig(block, hidden, kwargs, device)
+        layers = [m for m in block.modules() if isinstance(m, QuantLinear)]
+        if layers:
+            seen.append(all(not m.cache_weights and not m.kernel_cache for m in layers))
+        return out
+
+    monkeypatch.setattr(calib_mod, "run_block", run_block)
+    model = make_tiny("llama")
+    calib = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    dgq.quantize(model, DGQConfig(method="dgq-gptq", group_size=32, grid2=4), calib=calib, progress=False)
+    assert seen and all(seen)
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    assert all(m.cache_weights and not m.kernel_cache for m in layers)

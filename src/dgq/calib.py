@@ -385,6 +385,10 @@ def quantize_block(block: nn.Module, index: int, prefix: str, targets: dict, sta
         lin = block.get_submodule(n)
         check_finite(lin.weight.detach(), f"weight of {prefix + n} (after smoothing)")
         layers = make_layers(method, lin, prefix + n, targets[prefix + n].group_size, stats[n], config)
+        # expand per call while calibrating: cached expansions of the candidates (1-4 bytes per weight on the CPU)
+        # would outweigh the float block itself; the chosen layers cache again afterwards
+        for layer in layers:
+            layer.cache_weights = False
         made[n] = Made(lin.weight.detach(), lin.weight.device, layers)
     n_cand = max(len(m.candidates) for m in made.values())
     errors, best = [], None
@@ -400,6 +404,8 @@ def quantize_block(block: nn.Module, index: int, prefix: str, targets: dict, sta
     _, j_best, q_out, chosen = best
     if j_best != n_cand - 1:  # the last candidate run is installed; put the best one back
         _install(block, made, j_best)
+    for layer in chosen.values():
+        layer.cache_weights, layer.kernel_cache = True, {}
     entry: dict = {"linears": {n: relative_errors(m.weight, chosen[n], stats[n].x()[::4]) for n, m in made.items()}}
     if n_cand > 1:
         entry["alternatives"] = {"token_rel_error": errors, "chosen": j_best}
