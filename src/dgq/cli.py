@@ -282,6 +282,7 @@ def cmd_compare(a) -> None:
 
 
 def cmd_export(a) -> None:
+    _quiet_transformers()
     t0 = time.perf_counter()
     out = export(a.ckpt, to=a.to, out=a.out, force=a.force, verify=not a.no_verify, max_shard_size=a.max_shard_size)
     print(f"exported {a.ckpt} as {a.to} to {out} ({time.perf_counter() - t0:.1f} s)")
