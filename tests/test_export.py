@@ -291,3 +291,23 @@ def test_corrupt_source_refused(ckpts, tmp_path):
     with pytest.raises(DGQError, match="checksum"):
         dgq.export(src, to="ct-w8a8", out=tmp_path / "ct")
     assert not (tmp_path / "ct").exists()
+
+
+def test_export_streams_shard_by_shard(ckpts, tmp_path, monkeypatch):
+    """The writer holds at most one shard plus one module's tensors; the source is read tensor by tensor."""
+    from dgq.checkpoint import CheckpointWriter
+
+    peak, adds = [0], []
+    orig = CheckpointWriter.add
+
+    def add(self, tensors):
+        adds.append(sum(t.numel() * t.element_size() for t in tensors.values()))
+        orig(self, tensors)
+        peak[0] = max(peak[0], self.pending_bytes)
+
+    monkeypatch.setattr(CheckpointWriter, "add", add)
+    out = dgq.export(ckpts["dgq"], to="ct-w8a8", out=tmp_path / "ct", max_shard_size="40KB")
+    assert len(list(out.glob("model-*-of-*.safetensors"))) > 3
+    assert peak[0] <= 40_000 + max(adds)
+    exp = json.loads((out / "config.json").read_text())["dgq_export"]
+    assert exp["source"] == "dgq" and "/" not in json.dumps(exp)

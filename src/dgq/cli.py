@@ -197,7 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--out", required=True, help="output folder (written atomically)")
     x.add_argument("--force", action="store_true", help="replace --out if it is an earlier dgq output")
     x.add_argument("--no-verify", action="store_true", help="skip the source checkpoint's checksums")
-    x.add_argument("--max-shard-size", default="5GB", help="largest weights file of the output (default 5GB)")
+    x.add_argument("--max-shard-size", default="2GB",
+                   help="largest weights file of the output; the shard being written is held in memory (default 2GB)")
 
     g = sub.add_parser("generate", help="generate text (streamed) from a prompt",
                        description="Greedy generation, streamed token by token.")

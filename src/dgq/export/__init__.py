@@ -7,14 +7,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..checkpoint import DEFAULT_MAX_SHARD
 from ..errors import DGQError
 from . import ct
 
 TARGETS = {t: ct.export for t in ct.TARGETS}
 
 
-def export(ckpt, to: str, out, force: bool = False, verify: bool = True, max_shard_size=DEFAULT_MAX_SHARD) -> Path:
+def export(ckpt, to: str, out, force: bool = False, verify: bool = True, max_shard_size=ct.EXPORT_MAX_SHARD) -> Path:
     """Write the dgq checkpoint ``ckpt`` as ``to`` (one of :data:`TARGETS`) into the new folder ``out`` (atomic;
     ``force`` replaces an earlier dgq output there). A module the target cannot hold is a :class:`DGQError` before
     anything is written."""

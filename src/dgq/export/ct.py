@@ -36,7 +36,6 @@ from transformers import AutoModelForCausalLM
 
 from .._version import __version__
 from ..checkpoint import (
-    DEFAULT_MAX_SHARD,
     HF_GUARD_KEY,
     INDEX,
     CheckpointWriter,
@@ -58,6 +57,7 @@ CT_FORMAT = {"ct-w8a8": "int-quantized", "ct-w4a16": "pack-quantized"}
 SOURCE_TENSORS = {"dgq": ("qweight", "zeros", "scales", "channel_scale", "act_scale"),
                   "w8a8": ("weight", "channel_scale", "act_scale"),
                   "w4a16": ("qweight", "scales", "zeros")}
+EXPORT_MAX_SHARD = "2GB"  # the shard being written is held in memory
 FLOAT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
@@ -213,8 +213,7 @@ def module_w4a16(src: Source, name: str, kind: str, spec: dict, scale_dtype: tor
 
 
 # -- the export ---------------------------------------------------------------------------------------------------
-def export(ckpt, to: str, out, force: bool = False, verify: bool = True,
-           max_shard_size=DEFAULT_MAX_SHARD) -> Path:
+def export(ckpt, to: str, out, force: bool = False, verify: bool = True, max_shard_size=EXPORT_MAX_SHARD) -> Path:
     """Convert the dgq checkpoint ``ckpt`` into a compressed-tensors checkpoint at ``out`` (see the module
     docstring). Everything is checked before anything is written."""
     if to not in TARGETS:
@@ -249,8 +248,8 @@ def export(ckpt, to: str, out, force: bool = False, verify: bool = True,
         w.finish_weights()
         cfg = {k: v for k, v in src.cfg.items() if k != HF_GUARD_KEY}
         cfg["quantization_config"] = quantization_config(to, p)
-        cfg[EXPORT_KEY] = {"target": to, "from": str(path), "dgq_version": __version__,
-                           "method": src.q.get("method"), "source_format": src.q.get("format")}
+        cfg[EXPORT_KEY] = {"target": to, "source": path.name, "dgq_version": __version__,  # no local paths
+                           **{k: src.q.get(k) for k in ("method", "format", "group_size", "act")}}
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
         for f in sorted(path.iterdir()):  # tokenizer files, generation config, chat template
             if f.is_file() and not f.is_symlink() and f.name != "config.json" and f.name != INDEX \
