@@ -311,3 +311,25 @@ def test_export_streams_shard_by_shard(ckpts, tmp_path, monkeypatch):
     assert peak[0] <= 40_000 + max(adds)
     exp = json.loads((out / "config.json").read_text())["dgq_export"]
     assert exp["source"] == "dgq" and "/" not in json.dumps(exp)
+
+
+@pytest.mark.parametrize("edit,words", [("drop", "missing"), ("add", "does not have")])
+def test_source_tensors_checked(ckpts, tmp_path, edit, words):
+    """Without the checksums (verify=False) the source's tensors are still checked by name, as dgq.load does."""
+    import shutil
+
+    src = tmp_path / "src"
+    shutil.copytree(ckpts["w8a8"], src)
+    (f,) = [f for f in src.glob("model-*.safetensors") if "model.norm.weight" in load_file(f)]
+    t = load_file(f)
+    if edit == "drop":
+        del t["model.norm.weight"]
+    else:
+        t["model.extra"] = torch.zeros(3)
+    save_file(t, f, metadata={"format": "pt"})
+    idx = json.loads((src / "model.safetensors.index.json").read_text())
+    idx["weight_map"].pop("model.norm.weight") if edit == "drop" else idx["weight_map"].update({"model.extra": f.name})
+    (src / "model.safetensors.index.json").write_text(json.dumps(idx))
+    with pytest.raises(DGQError, match=words):
+        dgq.export(src, to="ct-w8a8", out=tmp_path / "ct", verify=False)
+    assert not (tmp_path / "ct").exists()

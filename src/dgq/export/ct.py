@@ -138,8 +138,20 @@ def plan(src: Source, target: str) -> dict:
     missing = sorted(set(mods) - set(linears))
     if missing:
         raise DGQError(f"{src.path}: quantized module {missing[0]} is not a linear of this architecture")
-    return {"kinds": kinds, "act": acts.pop(), "group_size": groups.pop(),
-            "ignore": [n for n in linears if n not in mods], "persistent": set(skeleton.state_dict())}
+    # the float tensors: every one transformers expects (tied ones once), none it does not know
+    owned = {f"{m}.{k}" for m in mods for k in SOURCE_TENSORS[kinds[m]]}
+    persistent = set(skeleton.state_dict())
+    all_params = {n for n, _ in skeleton.named_parameters(remove_duplicate=False)}
+    expected = {n for n, _ in skeleton.named_parameters()} | (persistent - all_params)
+    expected -= {f"{m}.weight" for m in mods}
+    missing = sorted(expected - set(src.names))
+    if missing:
+        raise DGQError(f"{src.path}: tensor {missing[0]} is missing from the weights")
+    unknown = sorted(set(src.names) - owned - persistent - {n for n, _ in skeleton.named_buffers()})
+    if unknown:
+        raise DGQError(f"{src.path}: the weights hold a tensor this model does not have: {unknown[0]}")
+    return {"kinds": kinds, "act": acts.pop(), "group_size": groups.pop(), "owned": owned,
+            "ignore": [n for n in linears if n not in mods], "persistent": persistent}
 
 
 def quantization_config(target: str, p: dict) -> dict:
@@ -229,7 +241,7 @@ def export(ckpt, to: str, out, force: bool = False, verify: bool = True, max_sha
     p = plan(src, to)
     mods = src.q["modules"]
     scale_dtype = _source_dtype(src)
-    owned = {f"{m}.{k}" for m in mods for k in (*SOURCE_TENSORS[p["kinds"][m]],)}
+    owned = p["owned"]
     with atomic_folder(outp, replace=True) as tmp:
         w = CheckpointWriter(tmp, max_bytes)
         done = set()
