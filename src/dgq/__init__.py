@@ -9,6 +9,7 @@ from .config import DGQConfig
 from .errors import DGQError
 from .eval.perplexity import perplexity
 from .eval.tasks import evaluate_tasks
+from .export import export
 from .formats import DGQLinear, W4A16Linear, W8A8Linear
 from .fuse import fuse_siblings, unfuse
 from .hf import register as _register_hf
@@ -16,6 +17,6 @@ from .models import load_model
 
 _register_hf()  # AutoModelForCausalLM.from_pretrained(dgq checkpoint) works after import dgq (dgq.hf)
 
-__all__ = ["DGQConfig", "DGQError", "DGQLinear", "W4A16Linear", "W8A8Linear", "data", "evaluate_tasks",
+__all__ = ["DGQConfig", "DGQError", "DGQLinear", "W4A16Linear", "W8A8Linear", "data", "evaluate_tasks", "export",
            "fuse_siblings", "load", "load_model", "methods", "perplexity", "quantize", "save", "unfuse",
            "__version__"]

@@ -167,9 +167,10 @@ class CheckpointWriter:
         self.shards.append(sorted(self.pending))
         self.pending, self.pending_bytes = {}, 0
 
-    def finish(self, model_config: dict, qcfg: dict, generation_config=None, tokenizer=None) -> dict:
-        """Name the shards, write the index (several shards) and config.json; returns the quantization_config
-        written (with its checksums)."""
+    def finish_weights(self) -> list[str]:
+        """Write what is pending, name the shards (``model.safetensors`` or ``model-0000i-of-0000n.safetensors``
+        with the index) and return the file names. :meth:`finish` calls it; a writer of another format (dgq.export)
+        writes its own config.json after it."""
         if self.pending or not self.shards:
             self._flush()
         n = len(self.shards)
@@ -180,6 +181,12 @@ class CheckpointWriter:
             weight_map = {t: name for name, shard in zip(names, self.shards, strict=True) for t in shard}
             index = {"metadata": {"total_size": self.total}, "weight_map": dict(sorted(weight_map.items()))}
             (self.folder / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+        return names
+
+    def finish(self, model_config: dict, qcfg: dict, generation_config=None, tokenizer=None) -> dict:
+        """Name the shards, write the index (several shards) and config.json; returns the quantization_config
+        written (with its checksums)."""
+        names = self.finish_weights()
         cfg = write_config(self.folder, model_config, qcfg, names)
         if generation_config is not None:
             generation_config.save_pretrained(self.folder)

@@ -23,6 +23,8 @@ from .data import calibration_windows
 from .errors import DGQError
 from .eval.perplexity import perplexity
 from .eval.tasks import check_tasks, evaluate_tasks, format_table
+from .export import TARGETS as EXPORT_TARGETS
+from .export import export
 from .fsutil import check_output_dir, check_output_file
 from .models import check_model_folder, load_model, load_tokenizer, model_folder
 from .stream import quantize_to
@@ -111,7 +113,7 @@ def _quiet_transformers() -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = _Parser(prog="dgq", description="DGQ A8W4 quantization: quantize, evaluate, generate.")
+    ap = _Parser(prog="dgq", description="DGQ A8W4 quantization: quantize, evaluate, export, generate.")
     sub = ap.add_subparsers(dest="cmd", required=True)
 
     q = sub.add_parser("quantize", help="quantize a model into a dgq checkpoint",
@@ -183,6 +185,20 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--keep-checkpoints", action="store_true", help="keep every checkpoint under OUT/checkpoints")
     c.add_argument("--force", action="store_true", help="write into an earlier dgq compare output folder")
     _add_placement(c)
+
+    x = sub.add_parser("export", help="write a dgq checkpoint in another library's format (compressed-tensors)",
+                       description="Convert the dgq checkpoint CKPT into a compressed-tensors checkpoint (vLLM, "
+                                   "transformers): ct-w8a8 (int-quantized: int8 weights s_int*(q-z), per-channel "
+                                   "scale s_ch, int8 activations; lossless) or ct-w4a16 (pack-quantized: int4 "
+                                   "asymmetric groups, scale s_ch*s_int in the model's dtype, float activations). "
+                                   "A module the target cannot hold is refused before anything is written.")
+    x.add_argument("ckpt", help="dgq checkpoint folder")
+    x.add_argument("--to", required=True, choices=list(EXPORT_TARGETS), help="target format")
+    x.add_argument("--out", required=True, help="output folder (written atomically)")
+    x.add_argument("--force", action="store_true", help="replace --out if it is an earlier dgq output")
+    x.add_argument("--no-verify", action="store_true", help="skip the source checkpoint's checksums")
+    x.add_argument("--max-shard-size", default="2GB",
+                   help="largest weights file of the output; the shard being written is held in memory (default 2GB)")
 
     g = sub.add_parser("generate", help="generate text (streamed) from a prompt",
                        description="Greedy generation, streamed token by token.")
@@ -266,6 +282,13 @@ def cmd_compare(a) -> None:
     print(f"wrote {Path(a.out) / 'results.json'}, results.md, ppl_vs_bits.png")
 
 
+def cmd_export(a) -> None:
+    _quiet_transformers()
+    t0 = time.perf_counter()
+    out = export(a.ckpt, to=a.to, out=a.out, force=a.force, verify=not a.no_verify, max_shard_size=a.max_shard_size)
+    print(f"exported {a.ckpt} as {a.to} to {out} ({time.perf_counter() - t0:.1f} s)")
+
+
 def cmd_generate(a) -> None:
     _quiet_transformers()
     if not a.prompt.strip():
@@ -289,7 +312,8 @@ def main(argv=None) -> int:
     except SystemExit as e:  # --help (0) or an argument error (2, already printed on one line)
         return e.code if isinstance(e.code, int) else 2
     try:
-        {"quantize": cmd_quantize, "eval": cmd_eval, "compare": cmd_compare, "generate": cmd_generate}[a.cmd](a)
+        {"quantize": cmd_quantize, "eval": cmd_eval, "compare": cmd_compare, "export": cmd_export,
+         "generate": cmd_generate}[a.cmd](a)
     except DGQError as e:
         print(f"dgq: error: {one_line(e)}", file=sys.stderr)
         return 2

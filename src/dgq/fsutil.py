@@ -1,8 +1,9 @@
 """Where dgq writes: checked before any work, written atomically, and never over something dgq did not write.
 
 - :func:`check_output_dir` — before minutes of calibration: the path is a usable new folder name, or (with
-  ``force``) an earlier dgq output; its parent is writable (probed by creating and removing a folder there, which
-  also catches read-only file systems and immutable folders, where permission bits say nothing for root).
+  ``force``) an earlier dgq output (a checkpoint or a ``dgq export``); its parent is writable (probed by creating
+  and removing a folder there, which also catches read-only file systems and immutable folders, where permission
+  bits say nothing for root).
 - :func:`atomic_folder` — everything goes to a hidden temporary folder beside the target (named after this process),
   renamed into place only when complete; temporary folders that a killed earlier run left behind are removed.
   The result gets the permissions of a folder made with ``mkdir`` under the current umask (a temporary folder is
@@ -33,6 +34,21 @@ def is_dgq_checkpoint(path: Path) -> bool:
         return False
     q = doc.get("quantization_config") if isinstance(doc, dict) else None
     return isinstance(q, dict) and q.get("quant_method") == "dgq"
+
+
+EXPORT_KEY = "dgq_export"  # config.json key of a folder `dgq export` wrote (another library's format)
+
+
+def is_dgq_export(path: Path) -> bool:
+    """A folder ``dgq export`` wrote: its config.json carries :data:`EXPORT_KEY` (the source and the target)."""
+    cfg = Path(path) / "config.json"
+    if not cfg.is_file():
+        return False
+    try:
+        doc = json.loads(cfg.read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return False
+    return isinstance(doc, dict) and isinstance(doc.get(EXPORT_KEY), dict)
 
 
 def _nearest_existing(path: Path) -> Path:
@@ -69,10 +85,10 @@ def check_output_dir(path, force: bool = False, what: str = "output") -> Path:
             raise DGQError(f"{what} {out} exists and is not a folder; choose another name")
         if not force:
             raise DGQError(f"{what} {out} already exists; choose another folder or pass --force")
-        if any(out.iterdir()) and not is_dgq_checkpoint(out):
+        if any(out.iterdir()) and not (is_dgq_checkpoint(out) or is_dgq_export(out)):
             names = sorted(p.name for p in out.iterdir())
             raise DGQError(f"{what} {out} exists and is not a dgq checkpoint (it holds {', '.join(names[:3])}"
-                           f"{', …' if len(names) > 3 else ''}); --force only replaces dgq checkpoints")
+                           f"{', …' if len(names) > 3 else ''}); --force only replaces dgq checkpoints and exports")
     check_writable_dir(out.parent, what)
     return out
 
