@@ -164,3 +164,26 @@ def test_alias_parts_joined_in_the_wrong_order_are_refused(tmp_path, monkeypatch
     monkeypatch.setitem(models.ALIASES, "fake-missing", models.Alias((("no_such_pkg_x", "d"),), ("x==1",)))
     with pytest.raises(DGQError, match="needs the package"):
         models.alias_gguf("fake-missing")
+
+
+def test_streaming_a_tied_qwen2_with_biases_equals_in_memory(tmp_path):
+    """Tied embeddings (no lm_head.weight in the files; SmolLM2 and Qwen2.5 are tied) and q/k/v biases."""
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    from tiny import COMMON
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(Qwen2Config(**{**COMMON, "vocab_size": 256, "tie_word_embeddings": True}))
+    src = tmp_path / "tied"
+    model.save_pretrained(src)
+    cfg = DGQConfig(method="dgq", group_size=32, grid2=4)
+    model, _ = dgq.load_model(str(src))
+    dgq.quantize(model, cfg, calib=CALIB, progress=False)
+    dgq.save(model, tmp_path / "mem")
+    quantize_to(str(src), tmp_path / "stream", cfg, calib=CALIB, progress=False, max_shard_size="30KB")
+    a, b = tensors(tmp_path / "mem"), tensors(tmp_path / "stream")
+    assert set(a) == set(b) and "lm_head.weight" not in a
+    for n in a:
+        assert torch.equal(a[n], b[n]), n
+    with torch.no_grad():
+        assert torch.equal(dgq.load(tmp_path / "stream")(IDS).logits, dgq.load(tmp_path / "mem")(IDS).logits)

@@ -178,8 +178,11 @@ def skeleton(source: FolderSource, dtype: torch.dtype, device: torch.device) -> 
         kind, names = ("missing keys", missing) if missing else ("unexpected keys", unexpected)
         raise DGQError(f"{source.path}: the weights do not match the config ({kind}: {names[0]}"
                        + (f" and {len(names) - 1} more" if len(names) > 1 else "") + ")")
+    tied = getattr(config, "tie_word_embeddings", False)
     for name, _ in list(model.named_parameters()):
         if not name.startswith(blocks_prefix):
+            if tied and name == "lm_head.weight" and name not in source.where:
+                continue  # the skeleton is not tied yet; tie_weights below shares the embeddings
             value = source.get(name)
             check_finite(value, name)
             set_module_tensor_to_device(model, name, device, value=value.to(dtype))
