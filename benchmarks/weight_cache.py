@@ -14,10 +14,10 @@ import sys
 from pathlib import Path
 
 import torch
-from torch.utils.benchmark import Timer
 
 sys.path.insert(0, os.path.dirname(__file__))
 from _common import machine_info  # noqa: E402
+from cpu_linear import bench  # noqa: E402  (median over rotated inputs)
 from dgq import DGQLinear  # noqa: E402
 from dgq.kernels import KERNELS  # noqa: E402
 from dgq.quant.rtn import rtn_quantize  # noqa: E402
@@ -27,16 +27,6 @@ SHAPES = {"q/k/v/o_proj 4096x4096": (4096, 4096), "gate/up_proj 11008x4096": (11
 PER_BLOCK = {"q/k/v/o_proj 4096x4096": 4, "gate/up_proj 11008x4096": 2, "down_proj 4096x11008": 1}
 MS = (1, 16, 256)
 KERNEL = next(k for k in KERNELS if k.name == "cpu-int-mm")
-
-
-def bench(fn, xs, min_run_time):
-    i = [0]
-
-    def step():
-        fn(xs[i[0] % len(xs)])
-        i[0] += 1
-
-    return Timer("step()", globals={"step": step}).blocked_autorange(min_run_time=min_run_time).median
 
 
 def cache_bytes(layer) -> int:

@@ -17,7 +17,7 @@ from dgq.arch import set_submodule
 from dgq.cli import main
 from dgq.export.ct import pack_int4_codes
 from dgq.formats import QuantLinear
-from tiny import make_tiny
+from tiny import make_tiny, tokenizer
 
 ct_lib = pytest.importorskip("compressed_tensors")
 from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32  # noqa: E402
@@ -39,16 +39,6 @@ CASES = {
 }
 W8A8_CASES = ["dgq", "dgq-static", "w8a8", "w8a8-static", "ignore"]
 W4A16_CASES = ["dgq", "dgq-static", "w4a16", "dgq-weights-only", "ignore"]
-
-
-def tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<unk>": 0, **{f"w{i}": i for i in range(1, 256)}}
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", eos_token="w1", pad_token="w2")
 
 
 @pytest.fixture(scope="module")

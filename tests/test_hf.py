@@ -15,7 +15,7 @@ import dgq
 from dgq import DGQConfig, DGQError
 from dgq.checkpoint import HF_GUARD, HF_GUARD_KEY, WEIGHTS, config_sha256, file_sha256
 from dgq.formats import QuantLinear
-from tiny import make_tiny
+from tiny import make_tiny, tokenizer
 
 CALIB = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(5))
 IDS = torch.randint(1, 256, (2, 11), generator=torch.Generator().manual_seed(1))
@@ -28,16 +28,6 @@ CASES = {
     "ignore": ("llama", DGQConfig(method="rtn", group_size=32, ignore=("model.layers.1.self_attn.k_proj",))),
 }
 FORMAT = {"dgq": "dgq", "w4a16": "w4a16", "w8a8": "w8a8", "qwen2": "dgq", "ignore": "dgq"}
-
-
-def tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<unk>": 0, **{f"w{i}": i for i in range(1, 256)}}
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", eos_token="w1", pad_token="w2")
 
 
 @pytest.fixture(scope="module")

@@ -47,3 +47,14 @@ def make_tiny(family: str, seed: int = 0, **over):
             if "norm" in n and p.ndim == 1:
                 p.add_(0.1 * torch.randn_like(p))
     return model.eval()
+
+
+def tokenizer():
+    """A 256-word word-level tokenizer (w1..w255) for the tiny models: no files, no network."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, **{f"w{i}": i for i in range(1, 256)}}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", eos_token="w1", pad_token="w2")

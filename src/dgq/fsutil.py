@@ -23,16 +23,19 @@ from pathlib import Path
 from .errors import DGQError
 
 
+def _config(path: Path) -> dict:
+    """``path/config.json`` as a dict, or {} when absent or unreadable."""
+    cfg = Path(path) / "config.json"
+    try:
+        doc = json.loads(cfg.read_text()) if cfg.is_file() else {}
+    except (OSError, ValueError, UnicodeDecodeError):
+        return {}
+    return doc if isinstance(doc, dict) else {}
+
+
 def is_dgq_checkpoint(path: Path) -> bool:
     """A folder whose config.json carries a dgq ``quantization_config``."""
-    cfg = Path(path) / "config.json"
-    if not cfg.is_file():
-        return False
-    try:
-        doc = json.loads(cfg.read_text())
-    except (OSError, ValueError, UnicodeDecodeError):
-        return False
-    q = doc.get("quantization_config") if isinstance(doc, dict) else None
+    q = _config(path).get("quantization_config")
     return isinstance(q, dict) and q.get("quant_method") == "dgq"
 
 
@@ -41,14 +44,7 @@ EXPORT_KEY = "dgq_export"  # config.json key of a folder `dgq export` wrote (ano
 
 def is_dgq_export(path: Path) -> bool:
     """A folder ``dgq export`` wrote: its config.json carries :data:`EXPORT_KEY` (the source and the target)."""
-    cfg = Path(path) / "config.json"
-    if not cfg.is_file():
-        return False
-    try:
-        doc = json.loads(cfg.read_text())
-    except (OSError, ValueError, UnicodeDecodeError):
-        return False
-    return isinstance(doc, dict) and isinstance(doc.get(EXPORT_KEY), dict)
+    return isinstance(_config(path).get(EXPORT_KEY), dict)
 
 
 def _nearest_existing(path: Path) -> Path:
