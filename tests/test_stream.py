@@ -23,7 +23,9 @@ def tensors(path):
 
 @pytest.mark.parametrize("spec", [dict(method="rtn"), dict(method="rtn", act="static"), dict(method="dgq", grid2=4),
                                   dict(method="dgq-gptq", grid2=4), dict(method="gptq"), dict(method="awq"),
-                                  dict(method="smoothquant"), dict(method="dgq", act="static", smooth=True, grid2=4)])
+                                  dict(method="smoothquant"), dict(method="dgq", act="static", smooth=True, grid2=4),
+                                  dict(method="rtn", kv="int8-static"), dict(method="dgq", grid2=4, kv="int8-static"),
+                                  dict(method="rtn", act="static", kv="int8-static")])
 def test_streaming_equals_in_memory(tiny_hf_dir, tmp_path, spec):
     cfg = DGQConfig(group_size=32, **spec)
     model, tok = dgq.load_model(str(tiny_hf_dir))
@@ -36,7 +38,8 @@ def test_streaming_equals_in_memory(tiny_hf_dir, tmp_path, spec):
     for n in a:
         assert a[n].dtype == b[n].dtype and torch.equal(a[n], b[n]), n
     assert len(list((tmp_path / "stream").glob("model-*-of-*.safetensors"))) > 2
-    assert q["modules"] == json.loads((tmp_path / "mem" / "config.json").read_text())["quantization_config"]["modules"]
+    mem = json.loads((tmp_path / "mem" / "config.json").read_text())["quantization_config"]
+    assert q["modules"] == mem["modules"] and q.get("kv_cache") == mem.get("kv_cache")
     with torch.no_grad():
         assert torch.equal(dgq.load(tmp_path / "stream")(IDS).logits, dgq.load(tmp_path / "mem")(IDS).logits)
 

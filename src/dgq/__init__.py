@@ -3,7 +3,7 @@ expand exactly to int8, run as one INT8 x INT8 GEMM with a per-token x per-chann
 
 from . import data, methods
 from ._version import __version__
-from .api import quantize
+from .api import quantize, use_kv_cache
 from .checkpoint import load, save
 from .config import DGQConfig
 from .errors import DGQError
@@ -19,4 +19,4 @@ _register_hf()  # AutoModelForCausalLM.from_pretrained(dgq checkpoint) works aft
 
 __all__ = ["DGQConfig", "DGQError", "DGQLinear", "W4A16Linear", "W8A8Linear", "data", "evaluate_tasks", "export",
            "fuse_siblings", "load", "load_model", "methods", "perplexity", "quantize", "save", "unfuse",
-           "__version__"]
+           "use_kv_cache", "__version__"]

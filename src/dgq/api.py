@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import kernels, methods
+from . import kernels, kvcache, methods
 from .arch import arch_for_config, quantizable_linears, set_submodule
 from .calib import calibrate, make_layers, static_act_stats
 from .checkpoint import build_quantization_config
@@ -88,6 +88,33 @@ def validate_model(model: nn.Module, config: DGQConfig) -> dict[str, Target]:
     return plan(model, config)[1]
 
 
+def check_calibration(method, config: DGQConfig, calib) -> None:
+    if method.needs_calibration(config) and calib is None:
+        what = (f"method {config.method}" if method.calibrated else
+                "static activation scales" if config.act_mode == "static" else "static KV cache scales")
+        raise DGQError(f"{what} needs calibration data: pass calib token windows (CLI: --calib)")
+
+
+def kv_check(model_config, config: DGQConfig):
+    """Refuse a KV mode the model's attention cannot use (before any work); the observer static scales need."""
+    if config.kv == "none":
+        return None
+    why = kvcache.unsupported(model_config)
+    if why:
+        raise DGQError(f"--kv {config.kv}: {why}")
+    return kvcache.KVObserver(model_config) if config.kv == "int8-static" else None
+
+
+def kv_entry(model_config, config: DGQConfig, observer) -> dict:
+    """The ``kv_cache`` entry of the quantization_config (none: no entry, as before the KV cache existed)."""
+    if config.kv == "none":
+        return {}
+    entry = {"mode": config.kv, "layout": kvcache.layout(model_config)}
+    if observer is not None:
+        entry.update(observer.scales())
+    return {"kv_cache": entry}
+
+
 def quantize(model: nn.Module, config: DGQConfig | None = None, calib: torch.Tensor | None = None,
              progress: bool = True) -> nn.Module:
     """Quantize ``model`` in place and return it. ``calib`` ([n, seqlen] token ids) is needed by every method but
@@ -96,18 +123,22 @@ def quantize(model: nn.Module, config: DGQConfig | None = None, calib: torch.Ten
     method = methods.get(config.method)
     auto = config.group_size is None
     config, targets = plan(model, config)
-    if method.needs_calibration(config) and calib is None:
-        what = f"method {config.method}" if method.calibrated else "static activation scales"
-        raise DGQError(f"{what} needs calibration data: pass calib token windows (CLI: --calib)")
+    check_calibration(method, config, calib)
+    observer = kv_check(model.config, config)
     calibration = None
     if method.calibrated:
         calibration = calibrate(model, arch_for_config(model.config), targets, calib, config, method,
-                                progress=progress)
+                                progress=progress, kv_observer=observer)
     else:
         stats = static_act_stats(model, calib, list(targets), progress) if config.act_mode == "static" else {}
         for name, t in tqdm(targets.items(), desc="quantize", disable=not progress, leave=False):
             set_submodule(model, name, make_layers(method, t.module, name, t.group_size, stats.get(name), config)[0])
+        if observer is not None:  # one forward of the quantized model per window
+            kvcache.observe(model, calib, observer)
     model.dgq_config = build_quantization_config(model, config)
+    model.dgq_config.update(kv_entry(model.config, config, observer))
+    if config.kv != "none":
+        kvcache.enable(model, config.kv, model.dgq_config["kv_cache"])
     model.dgq_config["group_size_auto"] = auto
     if calibration is not None:
         model.dgq_config["calibration"] = {"windows": int(calib.shape[0]), "seqlen": int(calib.shape[1]),
@@ -115,3 +146,27 @@ def quantize(model: nn.Module, config: DGQConfig | None = None, calib: torch.Ten
     for reason in kernels.slow_paths(q for q in model.modules() if isinstance(q, QuantLinear)):
         log.warning("dgq: %s", reason)
     return model
+
+
+def use_kv_cache(model: nn.Module, mode: str, calib: torch.Tensor | None = None) -> nn.Module:
+    """Run ``model`` (float or quantized) on an int8 KV cache from now on, or on a float one (``none``).
+    ``int8-static`` keeps the scales the model already has (a checkpoint quantized with ``kv=int8-static``) or
+    calibrates them on ``calib`` token windows, one forward each. Returns the model."""
+    kvcache.check_mode(mode)
+    have = getattr(model, "dgq_kv", None) or {"mode": "none"}
+    if mode == "int8-static" and have["mode"] != "int8-static":
+        if calib is None:
+            raise DGQError("static KV cache scales need calibration data: pass calib token windows (CLI: --calib)")
+        why = kvcache.unsupported(model.config)
+        if why:
+            raise DGQError(f"--kv {mode}: {why}")
+        kvcache.enable(model, "none")
+        try:
+            scales = kvcache.observe(model, calib).scales()
+        except BaseException:
+            kvcache.enable(model, have["mode"], have)
+            raise
+        return kvcache.enable(model, mode, scales)
+    if mode == "int8-static":
+        return model
+    return kvcache.enable(model, mode)

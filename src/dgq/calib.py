@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from .arch import Arch, Smooth, get_blocks, set_submodule
 from .errors import DGQError, check_finite
 from .formats.act import quantize_per_tensor, quantize_per_token
+from .kvcache import cache_kwarg
 from .quant import smooth as sm
 from .quant.rtn import rtn_quantize
 from .quant.search import hessian
@@ -174,8 +175,11 @@ def capture_block_inputs(model: nn.Module, arch: Arch, calib: torch.Tensor, devi
     return torch.cat(hidden), kwargs_per_block
 
 
-def run_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict, device) -> torch.Tensor:
-    """The block's outputs for every window (one window at a time), on the CPU."""
+def run_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict, device, kv_observer=None) -> torch.Tensor:
+    """The block's outputs for every window (one window at a time), on the CPU. ``kv_observer``
+    (:class:`dgq.kvcache.KVObserver`): records the absmax of the keys and values the block's attention caches."""
+    if kv_observer is not None:
+        kwargs = {**kwargs, cache_kwarg(block): kv_observer}
     outs = []
     for h in hidden:
         o = block(h[None].to(device), **kwargs)
@@ -415,7 +419,7 @@ def quantize_block(block: nn.Module, index: int, prefix: str, targets: dict, sta
 
 
 def calibrate(model: nn.Module, arch: Arch, targets: dict, calib: torch.Tensor, config, method,
-              quantize: bool = True, progress: bool = True, blocks_io=None, device=None) -> dict:
+              quantize: bool = True, progress: bool = True, blocks_io=None, device=None, kv_observer=None) -> dict:
     """Block-by-block calibration with ``method`` (a :class:`dgq.methods.Method`) on the resolved ``config``;
     ``targets``: full linear name -> :class:`dgq.api.Target`. With ``quantize=False`` only the smoothing folds are
     applied (the float model is folded and nothing is quantized).
@@ -427,6 +431,9 @@ def calibrate(model: nn.Module, arch: Arch, targets: dict, calib: torch.Tensor, 
     ``blocks_io`` (streaming, :mod:`dgq.stream`): an object whose ``load(i)`` puts block ``i``'s weights in place
     before its turn and ``done(i)`` takes the finished block away (written out, released); the other blocks stay
     unloaded.
+
+    ``kv_observer`` (static KV scales, :class:`dgq.kvcache.KVObserver`): each finished block is run once more on
+    its inputs to record the keys and values its attention caches (the quantized model's, as served).
     """
     blocks = get_blocks(model, arch)
     device = device if device is not None else next(model.parameters()).device
@@ -450,6 +457,7 @@ def calibrate(model: nn.Module, arch: Arch, targets: dict, calib: torch.Tensor, 
         entry = {"block": i, "smoothed": {}, "linears": {}}
         if config.smooth:
             entry.update(smooth_block(block, arch, prefix, targets, stats, config, method))
+        h_in = hidden
         if quantize:
             hidden, q_entry = quantize_block(block, i, prefix, targets, stats, hidden, fp_out, kwargs[i], device,
                                              config, method)
@@ -457,7 +465,9 @@ def calibrate(model: nn.Module, arch: Arch, targets: dict, calib: torch.Tensor, 
             bar.set_postfix(err=entry["block_output_rel_error"])
         else:
             hidden = fp_out if not entry["smoothed"] else run_block(block, hidden, kwargs[i], device)
-        del stats, fp_out
+        if kv_observer is not None:
+            run_block(block, h_in, kwargs[i], device, kv_observer)
+        del stats, fp_out, h_in
         if blocks_io is not None:
             blocks_io.done(i)
         entry["seconds"] = round(time.perf_counter() - tb, 2)

@@ -34,6 +34,7 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from . import kvcache
 from ._version import __version__
 from .arch import arch_for_config, set_submodule
 from .errors import DGQError
@@ -460,6 +461,9 @@ def load(path: str | os.PathLike, device: str = "cpu", fuse: bool = True, verify
     names = tensor_index(path)
     check_sizes(path, cfg, names)
     config = model_config(path, cfg)
+    kv = q.get("kv_cache")
+    if kv is not None:
+        kvcache.check_layout(kv, config, str(path))
     model = skeleton(path, config, q["modules"])
     read_tensors(path, model, names)
     if getattr(config, "tie_word_embeddings", False):
@@ -472,4 +476,6 @@ def load(path: str | os.PathLike, device: str = "cpu", fuse: bool = True, verify
     model = model.to(device).eval()
     if fuse:
         fuse_siblings(model)
+    if kv is not None:
+        kvcache.enable(model, kv["mode"], kv)
     return model

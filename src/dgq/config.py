@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from .errors import DGQError
 from .formats import FORMATS
+from .kvcache import KV_MODES
 
 
 @dataclass
@@ -40,6 +41,8 @@ class DGQConfig:
     grid1 / grid2: grid sizes of search phases 1 and 2 (phase 2 spans 1.0 -> 0.2 as in the release); refine: finer
         phase-2 ratios tried on each side of every channel's best (2·refine more candidates), so 16 + 8 ratios cover
         the release's 80-point resolution at a third of the cost.
+    kv: the KV cache (:mod:`dgq.kvcache`): ``none`` (float, the default), ``int8`` (dynamic, per token and KV head)
+        or ``int8-static`` (one scale per layer for K and for V, from calibration; needs ``calib``).
     """
 
     method: str = "rtn"
@@ -64,6 +67,7 @@ class DGQConfig:
     block_size: int = 128
     awq_grid: int = 20
     token_weighted: bool | None = None
+    kv: str = "none"
 
     def check_fields(self) -> None:
         """Field-level checks that need no method (the method's own come from ``dgq.methods.resolve``)."""
@@ -91,6 +95,8 @@ class DGQConfig:
             raise DGQError(f"group size must be a positive integer or -1 (per-channel), got {self.group_size!r}")
         if isinstance(self.ignore, str) or not all(isinstance(n, str) for n in self.ignore):
             raise DGQError(f"ignore must be a sequence of full module names, got {self.ignore!r}")
+        if self.kv not in KV_MODES:
+            raise DGQError(f"unknown KV cache mode {self.kv!r}; choose one of: {', '.join(KV_MODES)}")
         if self.search_tokens < 1 or self.grid1 < 1 or self.grid2 < 1 or self.refine < 0:
             raise DGQError("search_tokens, grid1 and grid2 must be positive and refine non-negative")
 

@@ -40,6 +40,7 @@ from pathlib import Path
 
 import torch
 
+from . import kvcache
 from .arch import arch_for_config, set_submodule
 from .checkpoint import (
     FORMAT_VERSION,
@@ -120,6 +121,8 @@ if HfQuantizer is not None:
             names = tensor_index(path)
             check_sizes(path, cfg, names)
             arch_for_config(model.config)
+            if q.get("kv_cache") is not None:
+                kvcache.check_layout(q["kv_cache"], model.config, str(path))
             with torch.device("meta"):
                 for name, spec in q["modules"].items():
                     set_submodule(model, name, quantized_module(path, model, name, spec))
@@ -151,6 +154,8 @@ if HfQuantizer is not None:
             model.dgq_config = dict(self.q)
             model.save_pretrained = types.MethodType(save_pretrained, model)
             fuse_siblings(model)
+            if self.q.get("kv_cache") is not None:
+                kvcache.enable(model, self.q["kv_cache"]["mode"], self.q["kv_cache"])
             return model
 
         def get_state_dict_and_metadata(self, model, *args, **kwargs):

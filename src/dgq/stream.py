@@ -34,9 +34,9 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from . import kernels, methods
-from .api import plan
+from .api import check_calibration, kv_check, kv_entry, plan
 from .arch import arch_for_config, get_blocks, set_submodule
-from .calib import calibrate, capture_block_inputs, collect_stats, make_layers
+from .calib import calibrate, capture_block_inputs, collect_stats, make_layers, run_block
 from .checkpoint import DGQError, module_entry, quantization_config_of, state_of, writing
 from .config import DGQConfig
 from .errors import check_finite
@@ -207,9 +207,8 @@ def quantize_to(model_ref: str, out, config: DGQConfig | None = None, calib: tor
     auto = config.group_size is None
     model = skeleton(source, dt, dev)
     config, targets = plan(model, config)
-    if method.needs_calibration(config) and calib is None:
-        what = f"method {config.method}" if method.calibrated else "static activation scales"
-        raise DGQError(f"{what} needs calibration data: pass calib token windows (CLI: --calib)")
+    check_calibration(method, config, calib)
+    observer = kv_check(model.config, config)
     arch = arch_for_config(model.config)
     check_disk(out, estimate_bytes(model, targets, config, dt))
     t0 = time.perf_counter()
@@ -222,10 +221,11 @@ def quantize_to(model_ref: str, out, config: DGQConfig | None = None, calib: tor
         calibration = None
         if method.calibrated:
             calibration = calibrate(model, arch, targets, calib, config, method, progress=progress, blocks_io=io,
-                                    device=dev)
+                                    device=dev, kv_observer=observer)
         else:
-            _data_free(model, arch, targets, calib, config, method, io, dev, progress)
+            _data_free(model, arch, targets, calib, config, method, io, dev, progress, observer)
         qcfg = quantization_config_of(config, io.modules)
+        qcfg.update(kv_entry(model.config, config, observer))
         qcfg["group_size_auto"] = auto
         qcfg["streamed"] = {"device": str(dev), "dtype": str(dt).replace("torch.", ""),
                             "seconds": round(time.perf_counter() - t0, 2),
@@ -273,16 +273,20 @@ class _LayerInfo:
         self.in_features, self.group_size = e["in_features"], e["group_size"]
 
 
-def _data_free(model, arch, targets, calib, config, method, io: BlockIO, dev, progress) -> None:
+def _data_free(model, arch, targets, calib, config, method, io: BlockIO, dev, progress, observer=None) -> None:
     """Data-free methods, block by block: static activation scales (if asked) from the float model's block
-    inputs, then each linear quantized on its own."""
+    inputs, then each linear quantized on its own; static KV scales (if asked) from each quantized block run on
+    the quantized model's block inputs (what one forward of the quantized model gives)."""
     blocks = get_blocks(model, arch)
-    hidden = kwargs = None
-    if config.act_mode == "static":
+    hidden = kwargs = q_hidden = None
+    if config.act_mode == "static" or observer is not None:
         io.load(0)
         hidden, kwargs = capture_block_inputs(model, arch, calib, dev, loaded=1)
+        q_hidden = hidden
+        if config.act_mode != "static":
+            hidden = None
     for i in tqdm(range(len(blocks)), desc="quantize", disable=not progress):
-        if i > 0 or hidden is None:
+        if i > 0 or q_hidden is None:
             io.load(i)
         prefix = io.prefix(i)
         names = [n[len(prefix):] for n in targets if n.startswith(prefix)]
@@ -293,4 +297,6 @@ def _data_free(model, arch, targets, calib, config, method, io: BlockIO, dev, pr
             t = targets[prefix + n]
             layer = make_layers(method, t.module, prefix + n, t.group_size, stats.get(n), config)[0]
             set_submodule(blocks[i], n, layer)
+        if observer is not None:
+            q_hidden = run_block(blocks[i], q_hidden, kwargs[i], dev, observer)
         io.done(i)
