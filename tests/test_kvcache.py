@@ -5,13 +5,13 @@ import json
 
 import pytest
 import torch
-from tiny import make_tiny, tokenizer
 from transformers import AutoModelForCausalLM, DynamicCache
 
 import dgq
 from dgq import DGQConfig, DGQError, kvcache
 from dgq.cli import main
 from dgq.eval.perplexity import perplexity_of_ids
+from tiny import make_tiny, tokenizer
 
 CALIB = torch.randint(3, 256, (3, 24), generator=torch.Generator().manual_seed(0))
 IDS = torch.randint(3, 256, (1, 40), generator=torch.Generator().manual_seed(1))
@@ -179,8 +179,9 @@ def test_sliding_window_models_are_refused_with_the_reason(family):
 
 
 def test_mistral_with_a_sliding_window_is_refused_and_without_one_accepted():
-    from tiny import COMMON
     from transformers import MistralConfig, MistralForCausalLM
+
+    from tiny import COMMON
 
     with pytest.raises(DGQError, match="sliding_attention"):
         dgq.use_kv_cache(MistralForCausalLM(MistralConfig(**COMMON, sliding_window=16)), "int8")
@@ -258,3 +259,15 @@ def test_zero_shot_runs_on_the_int8_cache(monkeypatch):
     reqs = [("w3 w4 w5", " w6"), ("w7 w8", " w9 w10")]
     res = loglikelihoods(model, tok, reqs, batch_size=2, progress=False)
     assert len(res) == 2 and len(calls) == 2  # one batched forward, two layers
+
+
+def test_export_says_the_int8_cache_is_not_carried(tmp_path, caplog):
+    pytest.importorskip("compressed_tensors")
+    model = make_tiny("llama")
+    dgq.quantize(model, DGQConfig(method="rtn", group_size=32, kv="int8"), progress=False)
+    dgq.save(model, tmp_path / "q")
+    with caplog.at_level("WARNING", logger="dgq"):
+        dgq.export(tmp_path / "q", to="ct-w8a8", out=tmp_path / "ct")
+    assert "int8 KV cache" in caplog.text and "not carried" in caplog.text
+    cfg = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
+    assert cfg["kv_cache_scheme"] is None

@@ -26,6 +26,7 @@ of at most ``max_shard_size``; nothing exists at ``out`` until everything is wri
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -50,6 +51,8 @@ from ..errors import DGQError
 from ..formats import DGQWeight, W4Weight, W8Weight
 from ..formats.packing import unpack_uint4
 from ..fsutil import EXPORT_KEY, atomic_folder, check_output_dir
+
+log = logging.getLogger("dgq")
 
 TARGETS = ("ct-w8a8", "ct-w4a16")
 CT_FORMAT = {"ct-w8a8": "int-quantized", "ct-w4a16": "pack-quantized"}
@@ -239,6 +242,10 @@ def export(ckpt, to: str, out, force: bool = False, verify: bool = True, max_sha
         raise DGQError(f"output {outp} is the checkpoint being exported; choose another folder")
     src = Source(path, verify)
     p = plan(src, to)
+    kv = (src.q.get("kv_cache") or {}).get("mode", "none")
+    if kv != "none":  # compressed-tensors' kv_cache_scheme is fp8 in vLLM: int8 K/V has no place there
+        log.warning("dgq: the %s KV cache of %s is not carried into %s (the export's KV cache is the engine's "
+                    "default)", kv, path, to)
     mods = src.q["modules"]
     scale_dtype = _source_dtype(src)
     owned = p["owned"]
