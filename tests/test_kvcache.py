@@ -271,3 +271,20 @@ def test_export_says_the_int8_cache_is_not_carried(tmp_path, caplog):
     assert "int8 KV cache" in caplog.text and "not carried" in caplog.text
     cfg = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
     assert cfg["kv_cache_scheme"] is None
+
+
+def test_a_caller_supplied_float_cache_is_used_and_warned_about(caplog):
+    from transformers import StaticCache
+
+    model = make_tiny("llama")
+    kvcache.enable(model, "int8")
+    ref = logits(model)
+    kvcache.enable(model, "none")
+    fp = logits(model)
+    kvcache.enable(model, "int8")
+    cache = StaticCache(config=model.config, max_cache_len=64)
+    with caplog.at_level("WARNING", logger="dgq"):
+        out = logits(model, **{kvcache.cache_kwarg(model): cache})
+    assert "StaticCache" in caplog.text and "does not run on the model's int8 KV cache" in caplog.text
+    torch.testing.assert_close(out, fp, rtol=1e-4, atol=1e-4)
+    assert not torch.equal(out, ref)

@@ -25,6 +25,7 @@ block with a :class:`KVObserver`, which records the absmax of what attention wou
 from __future__ import annotations
 
 import inspect
+import logging
 
 import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
@@ -33,6 +34,7 @@ from .errors import DGQError
 
 KV_MODES = ("none", "int8", "int8-static")
 QMAX = 127.0
+log = logging.getLogger("dgq")
 
 
 # -- the layout a static scale belongs to ---------------------------------------------------------------------------
@@ -245,6 +247,10 @@ def enable(model: torch.nn.Module, mode: str, scales: dict | None = None) -> tor
             # with use_cache=False too: the caller keeps no cache, attention still reads int8 K/V
             kwargs[name] = Int8KVCache(mod.config, mode, scales)
             return args, kwargs
+        if not isinstance(cache, Int8KVCache) and not getattr(mod, "_dgq_kv_warned", False):
+            mod._dgq_kv_warned = True
+            log.warning("dgq: a caller-supplied %s (not empty, or not a DynamicCache) is used as it is: this call "
+                        "does not run on the model's %s KV cache", type(cache).__name__, mode)
         return None
 
     model._dgq_kv_hook = model.register_forward_pre_hook(hook, with_kwargs=True)
