@@ -163,8 +163,10 @@ def bound(m, to):
     return (2.0**-11 * d * (qz + z) * (1 + 2.0**-10) + 2.0**-25 * (qz + z + 1) + f32).view(n, k)
 
 
-def check_export(ck, src_path, out, to, report):
-    """The export at ``out`` read back with gguf and transformers (see the module docstring)."""
+def check_export(ck, src_path, out, to, report, logits_tol=2e-3):
+    """The export at ``out`` read back with gguf and transformers (see the module docstring); ``logits_tol``: the
+    relative (L2) logits error allowed against the dgq weight-only model (weights within ~2⁻¹¹ relative; it grows
+    with depth: 2 layers here, 30 in SmolLM2)."""
     src_r, out_r = gguf.GGUFReader(src_path), gguf.GGUFReader(out)
     # metadata: every key of the source, as it was (the file type is the target's), and the export's record
     for key, f in src_r.fields.items():
@@ -227,7 +229,7 @@ def check_export(ck, src_path, out, to, report):
     worst["logits_rel"] = rel
     report(f"{to} {ck.name}: max |w_gguf - w_dgq| {worst['abs']:.3g}, max relative to the tensor's absmax "
            f"{worst['rel']:.3g}, at most {worst['of_bound']:.3f} of the bound; logits relative error {rel:.3g}")
-    assert rel < 2e-3
+    assert rel < logits_tol
     return worst
 
 
@@ -367,4 +369,4 @@ def test_smollm2_alias_found(tmp_path, report):
     out = dgq.export(tmp_path / "ck", to="gguf-q4_1", out=tmp_path / "s.gguf")
     from dgq.models import alias_gguf
 
-    check_export(tmp_path / "ck", alias_gguf("smollm2-135m"), out, "gguf-q4_1", report)
+    check_export(tmp_path / "ck", alias_gguf("smollm2-135m"), out, "gguf-q4_1", report, logits_tol=1e-2)
