@@ -213,15 +213,23 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--force", action="store_true", help="write into an earlier dgq compare output folder")
     _add_placement(c)
 
-    x = sub.add_parser("export", help="write a dgq checkpoint in another library's format (compressed-tensors)",
+    x = sub.add_parser("export", help="write a dgq checkpoint in another library's format (compressed-tensors, "
+                                      "GGUF)",
                        description="Convert the dgq checkpoint CKPT into a compressed-tensors checkpoint (vLLM, "
                                    "transformers): ct-w8a8 (int-quantized: int8 weights s_int*(q-z), per-channel "
                                    "scale s_ch, int8 activations; lossless) or ct-w4a16 (pack-quantized: int4 "
-                                   "asymmetric groups, scale s_ch*s_int in the model's dtype, float activations). "
+                                   "asymmetric groups, scale s_ch*s_int in the model's dtype, float activations); "
+                                   "or into a GGUF file (llama.cpp, Ollama): gguf-q8_0 (int8 s_int*(q-z), fp16 "
+                                   "d=s_ch per 32-block) or gguf-q4_1 (codes as they are, fp16 d=s_ch*s_int, "
+                                   "m=-d*z), with metadata, tokenizer and float tensors from the source GGUF. "
                                    "A module the target cannot hold is refused before anything is written.")
     x.add_argument("ckpt", help="dgq checkpoint folder")
     x.add_argument("--to", required=True, choices=list(EXPORT_TARGETS), help="target format")
-    x.add_argument("--out", required=True, help="output folder (written atomically)")
+    x.add_argument("--out", required=True, help="output folder (written atomically); gguf targets: a .gguf file or "
+                                               "a folder that gets model.gguf")
+    x.add_argument("--source-gguf", default=None,
+                   help="gguf targets: the GGUF the model came from (a path or an alias; default: the checkpoint's "
+                        "alias; a checkpoint of a Hugging Face model needs it)")
     x.add_argument("--force", action="store_true", help="replace --out if it is an earlier dgq output")
     x.add_argument("--no-verify", action="store_true", help="skip the source checkpoint's checksums")
     x.add_argument("--max-shard-size", default="2GB",
@@ -318,7 +326,8 @@ def cmd_compare(a) -> None:
 def cmd_export(a) -> None:
     _quiet_transformers()
     t0 = time.perf_counter()
-    out = export(a.ckpt, to=a.to, out=a.out, force=a.force, verify=not a.no_verify, max_shard_size=a.max_shard_size)
+    out = export(a.ckpt, to=a.to, out=a.out, force=a.force, verify=not a.no_verify, max_shard_size=a.max_shard_size,
+                 source_gguf=a.source_gguf)
     print(f"exported {a.ckpt} as {a.to} to {out} ({time.perf_counter() - t0:.1f} s)")
 
 

@@ -42,9 +42,32 @@ def is_dgq_checkpoint(path: Path) -> bool:
 EXPORT_KEY = "dgq_export"  # config.json key of a folder `dgq export` wrote (another library's format)
 
 
+GGUF_EXPORT_KEY = "dgq.export"  # metadata key of a GGUF file `dgq export` wrote
+
+
+def is_dgq_gguf(path: Path) -> bool:
+    """A GGUF file ``dgq export`` wrote: its metadata carries :data:`GGUF_EXPORT_KEY`."""
+    try:
+        with open(path, "rb") as f:
+            if f.read(4) != b"GGUF":
+                return False
+        import gguf
+
+        return GGUF_EXPORT_KEY in gguf.GGUFReader(path).fields
+    except Exception:  # noqa: BLE001 - unreadable or corrupt: not ours
+        return False
+
+
 def is_dgq_export(path: Path) -> bool:
-    """A folder ``dgq export`` wrote: its config.json carries :data:`EXPORT_KEY` (the source and the target)."""
-    return isinstance(_config(path).get(EXPORT_KEY), dict)
+    """A folder ``dgq export`` wrote: its config.json carries :data:`EXPORT_KEY` (the source and the target), or it
+    holds nothing but one GGUF file a GGUF export wrote."""
+    if isinstance(_config(path).get(EXPORT_KEY), dict):
+        return True
+    try:
+        files = list(Path(path).iterdir())
+    except OSError:
+        return False
+    return len(files) == 1 and files[0].suffix == ".gguf" and files[0].is_file() and is_dgq_gguf(files[0])
 
 
 def _nearest_existing(path: Path) -> Path:
