@@ -41,10 +41,12 @@ MODES = ("none", "int8", "int8-static")
 
 
 def accuracy(a) -> dict:
-    rows = []
-    for label, ref in (("fp", a.model), ("dgq", a.quantized)):
+    rows = [json.loads(line) for line in Path(a.prior_rows).read_text().splitlines()] if a.prior_rows else []
+    for label, ref in (("fp", a.model), (_recipe(a.quantized)["method"], a.quantized)):
         model, tok = dgq.load_model(ref)
         ids, bos = eval_ids(a.text, tok, a.max_tokens)
+        if any(r["model"] == label for r in rows):
+            continue  # measured by an earlier run of the same command (--prior-rows)
         calib = calibration_windows(a.calib, tok, a.nsamples, a.calib_seqlen, 0)
         for mode in MODES:
             kvcache.enable(model, "none")
@@ -184,13 +186,18 @@ def main() -> None:
     acc.add_argument("--seqlen", type=int, default=1024)
     acc.add_argument("--max-tokens", type=int, default=32768)
     acc.add_argument("--decode-tokens", type=int, default=4096, help="0: no decode check")
+    acc.add_argument("--prior-rows", help="JSON lines of rows an earlier run printed (their weights are skipped)")
     acc.add_argument("--out", required=True)
     mem = sub.add_parser("memory")
     mem.add_argument("--tokens", type=int, nargs="+", default=[4096, 16384])
     mem.add_argument("--decode-steps", type=int, default=4)
     mem.add_argument("--out", required=True)
+    for p in (acc, mem):
+        p.add_argument("--note", help="a remark stored in the JSON (e.g. what else ran on the machine)")
     a = ap.parse_args()
     res = accuracy(a) if a.cmd == "accuracy" else memory(a)
+    if a.note:
+        res["note"] = a.note
     Path(a.out).write_text(json.dumps(res, indent=2) + "\n")
     print(f"wrote {a.out}")
 

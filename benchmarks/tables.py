@@ -1,6 +1,6 @@
 """Render the README's result tables (markdown) from the committed benchmark JSON files.
 
-    python benchmarks/tables.py quality|sources|cpu|zeroshot
+    python benchmarks/tables.py quality|sources|cpu|zeroshot|kv
 """
 
 import json
@@ -83,5 +83,35 @@ def zeroshot():
         print(f"| {r['label']} | " + " | ".join(cells) + f" | {100 * mean:.1f} | {wall:.0f} |")
 
 
+KV_LABELS = {"none": "float", "int8": "int8 dynamic", "int8-static": "int8 static"}
+WEIGHT_LABELS = {"fp": "FP", "dgq": "DGQ A8W4", "rtn": "RTN A8W4 (DGQ format)"}
+
+
+def kv():
+    for name in ("kv_cache_smollm2.json", "kv_cache_qwen.json"):
+        f = R / name
+        if not f.exists():
+            continue
+        d = json.loads(f.read_text())
+        g = d["quantized_recipe"]["group_size"]
+        print(f"\n`{d['model']}`, {d['tokens']} tokens of `{Path(d['text']).name}` (windows of {d['seqlen']}); "
+              f"quantized: {d['quantized_recipe']['method']} g{g}\n")
+        print("| weights | KV cache | ppl | Δ vs same weights, float KV | Δ vs FP | decode check: ppl decoded / one "
+              "forward (tokens) |\n|---|---|---|---|---|---|")
+        for r in d["rows"]:
+            c = r.get("decode_check")
+            check = f"{c['ppl_decoded']:.4f} / {c['ppl_one_forward']:.4f} ({c['tokens']})" if c else "–"
+            print(f"| {WEIGHT_LABELS.get(r['model'], r['model'])} | {KV_LABELS[r['kv']]} | {r['ppl']:.4f} | "
+                  f"{r['delta_vs_same_weights_pct']:+.2f}% | {r['delta_vs_fp_pct']:+.2f}% | {check} |")
+    f = R / "kv_cache_memory.json"
+    if f.exists():
+        d = json.loads(f.read_text())
+        print("\n| tokens | KV cache | cache GiB | × bf16 | peak RSS over start, MB | prefill update s | "
+              "decode update ms/step |\n|---|---|---|---|---|---|---|")
+        for r in d["rows"]:
+            print(f"| {r['tokens']} | {KV_LABELS[r['kv']]} | {r['cache_gib']:.3f} | {r['bytes_vs_bf16']:.3f} | "
+                  f"{r['peak_over_start_mb']} | {r['prefill_update_s']} | {r['decode_update_ms_per_step']} |")
+
+
 if __name__ == "__main__":
-    {"quality": quality, "cpu": cpu, "zeroshot": zeroshot, "sources": sources}[sys.argv[1]]()
+    {"quality": quality, "cpu": cpu, "zeroshot": zeroshot, "sources": sources, "kv": kv}[sys.argv[1]]()
