@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.dgq-installed
 OUT ?= out
 
-.PHONY: install demo test test-fast lint bench-cpu clean
+.PHONY: install demo test test-fast test-engines lint bench-cpu clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -35,10 +35,15 @@ lint: install
 	$(VENV)/bin/ruff check src tests benchmarks
 
 test: install lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not engine"
 
 test-fast: install
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow and not engine"
+
+# engine tests: dgq's exports run in the inference engines themselves; llama-cpp-python is a CPU build from source
+test-engines: install
+	CMAKE_BUILD_PARALLEL_LEVEL=2 $(PY) -m pip install -q llama-cpp-python==0.3.36
+	$(PY) -m pytest -q -m engine
 
 bench-cpu: install
 	$(PY) benchmarks/cpu_linear.py

@@ -6,8 +6,8 @@ before anything is written.
 
 The sources are tiny random GGUFs written here with gguf's writer (F32 tensors, llama.cpp's q/k permutation for
 llama, a byte-level BPE vocabulary): a Llama (untied output) and a Qwen2 (q/k/v biases, tied embeddings), loaded and
-quantized as dgq does any GGUF. Not covered: llama.cpp itself running the export (llama-cpp-python needs a long
-source build)."""
+quantized as dgq does any GGUF. llama.cpp itself running the export is the engine test tests/test_llamacpp.py
+(``make test-engines``: llama-cpp-python needs a long source build)."""
 
 import json
 
