@@ -37,7 +37,7 @@ from dgq import kvcache  # noqa: E402
 from dgq.data import calibration_windows, eval_ids  # noqa: E402
 from dgq.eval.perplexity import perplexity_of_ids  # noqa: E402
 
-MODES = ("none", "int8", "int8-static")
+MODES = ("none", "int8", "int8-static", "int8-smooth")
 
 
 def accuracy(a) -> dict:
@@ -45,20 +45,21 @@ def accuracy(a) -> dict:
     for label, ref in (("fp", a.model), (_recipe(a.quantized)["method"], a.quantized)):
         model, tok = dgq.load_model(ref)
         ids, bos = eval_ids(a.text, tok, a.max_tokens)
-        if any(r["model"] == label for r in rows):
-            continue  # measured by an earlier run of the same command (--prior-rows)
         calib = calibration_windows(a.calib, tok, a.nsamples, a.calib_seqlen, 0)
-        for mode in MODES:
+        for mode in a.modes.split(","):
+            if any(r["model"] == label and r["kv"] == mode for r in rows):
+                continue  # measured by an earlier run of the same command (--prior-rows)
             kvcache.enable(model, "none")
             t0 = time.perf_counter()
-            dgq.use_kv_cache(model, mode, calib if mode == "int8-static" else None)
+            dgq.use_kv_cache(model, mode, calib if mode in ("int8-static", "int8-smooth") else None)
             calib_s = time.perf_counter() - t0
             t0 = time.perf_counter()
             r = perplexity_of_ids(model, ids, a.seqlen, bos, progress=False)
             row = {"model": label, "kv": mode, "ppl": round(r["ppl"], 4), "nll": r["nll"], "windows": r["windows"],
                    "seconds": round(time.perf_counter() - t0, 1)}
-            if mode == "int8-static":
+            if mode in ("int8-static", "int8-smooth"):
                 row["scales_seconds"] = round(calib_s, 1)
+            if mode == "int8-static":
                 row["k_scale_max"] = round(max(model.dgq_kv["k_scale"]) * 127, 3)
                 row["v_scale_max"] = round(max(model.dgq_kv["v_scale"]) * 127, 3)
             if a.decode_tokens:
@@ -186,6 +187,7 @@ def main() -> None:
     acc.add_argument("--seqlen", type=int, default=1024)
     acc.add_argument("--max-tokens", type=int, default=32768)
     acc.add_argument("--decode-tokens", type=int, default=4096, help="0: no decode check")
+    acc.add_argument("--modes", default=",".join(MODES), help="KV modes, comma-separated (default: all)")
     acc.add_argument("--prior-rows", help="JSON lines of rows an earlier run printed (their weights are skipped)")
     acc.add_argument("--out", required=True)
     mem = sub.add_parser("memory")

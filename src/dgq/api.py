@@ -91,7 +91,7 @@ def validate_model(model: nn.Module, config: DGQConfig) -> dict[str, Target]:
 def check_calibration(method, config: DGQConfig, calib) -> None:
     if method.needs_calibration(config) and calib is None:
         what = (f"method {config.method}" if method.calibrated else
-                "static activation scales" if config.act_mode == "static" else "static KV cache scales")
+                "static activation scales" if config.act_mode == "static" else f"the {config.kv} KV cache")
         raise DGQError(f"{what} needs calibration data: pass calib token windows (CLI: --calib)")
 
 
@@ -102,7 +102,7 @@ def kv_check(model_config, config: DGQConfig):
     why = kvcache.unsupported(model_config)
     if why:
         raise DGQError(f"--kv {config.kv}: {why}")
-    return kvcache.KVObserver(model_config) if config.kv == "int8-static" else None
+    return kvcache.KVObserver(model_config) if config.kv in kvcache.CALIBRATED else None
 
 
 def kv_entry(model_config, config: DGQConfig, observer) -> dict:
@@ -111,7 +111,8 @@ def kv_entry(model_config, config: DGQConfig, observer) -> dict:
         return {}
     entry = {"mode": config.kv, "layout": kvcache.layout(model_config)}
     if observer is not None:
-        entry.update(observer.scales())
+        s = observer.scales()
+        entry.update({k: s[k] for k in (("k_scale", "v_scale") if config.kv == "int8-static" else ("k_smooth",))})
     return {"kv_cache": entry}
 
 
@@ -150,13 +151,13 @@ def quantize(model: nn.Module, config: DGQConfig | None = None, calib: torch.Ten
 
 def use_kv_cache(model: nn.Module, mode: str, calib: torch.Tensor | None = None) -> nn.Module:
     """Run ``model`` (float or quantized) on an int8 KV cache from now on, or on a float one (``none``).
-    ``int8-static`` keeps the scales the model already has (a checkpoint quantized with ``kv=int8-static``) or
-    calibrates them on ``calib`` token windows, one forward each. Returns the model."""
+    ``int8-static`` / ``int8-smooth`` keep the scales or factors the model already has (a checkpoint quantized with
+    that ``kv``) or calibrate them on ``calib`` token windows, one forward each. Returns the model."""
     kvcache.check_mode(mode)
     have = getattr(model, "dgq_kv", None) or {"mode": "none"}
-    if mode == "int8-static" and have["mode"] != "int8-static":
+    if mode in kvcache.CALIBRATED and have["mode"] != mode:
         if calib is None:
-            raise DGQError("static KV cache scales need calibration data: pass calib token windows (CLI: --calib)")
+            raise DGQError(f"the {mode} KV cache needs calibration data: pass calib token windows (CLI: --calib)")
         why = kvcache.unsupported(model.config)
         if why:
             raise DGQError(f"--kv {mode}: {why}")
@@ -167,6 +168,6 @@ def use_kv_cache(model: nn.Module, mode: str, calib: torch.Tensor | None = None)
             kvcache.enable(model, have["mode"], have)
             raise
         return kvcache.enable(model, mode, scales)
-    if mode == "int8-static":
+    if mode in kvcache.CALIBRATED:
         return model
     return kvcache.enable(model, mode)

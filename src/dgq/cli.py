@@ -93,7 +93,7 @@ def _add_calib(p):
 def _add_kv(p):
     p.add_argument("--kv", default=None, choices=list(KV_MODES),
                    help="KV cache, overriding the checkpoint's (default: as the checkpoint says, else none); "
-                        "int8-static calibrates its scales on --calib when the model has none")
+                        "int8-static/int8-smooth calibrate on --calib when the model has no scales")
     _add_calib(p)
 
 
@@ -103,9 +103,9 @@ def apply_kv(model, tok, a) -> None:
         return
     have = (getattr(model, "dgq_kv", None) or {"mode": "none"})["mode"]
     calib = None
-    if a.kv == "int8-static" and have != "int8-static":
+    if a.kv in ("int8-static", "int8-smooth") and have != a.kv:
         calib = calibration_windows(a.calib, tok, a.nsamples, a.calib_seqlen, 0)
-        print(f"static KV scales: calibrating on {calib.shape[0]} x {calib.shape[1]} tokens of {a.calib}")
+        print(f"{a.kv} KV cache: calibrating on {calib.shape[0]} x {calib.shape[1]} tokens of {a.calib}")
     use_kv_cache(model, a.kv, calib)
 
 
@@ -157,8 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--s-int-rounding", default="round", choices=["round", "ceil"],
                    help="rounding of s_group/s_ch to the integer group scale (rtn; default round)")
     q.add_argument("--kv", default="none", choices=list(KV_MODES),
-                   help="KV cache: none (float, default), int8 (dynamic: per token and KV head) or int8-static "
-                        "(one scale per layer for K and V, from --calib); recorded in the checkpoint")
+                   help="KV cache: none (float, default), int8 (dynamic: per token and KV head), int8-static "
+                        "(one scale per layer for K and V, from --calib) or int8-smooth (int8 on keys divided by "
+                        "their per-channel absmax from --calib); recorded in the checkpoint")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--force", action="store_true", help="replace --out if it exists")
     _add_calib(q)

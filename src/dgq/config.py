@@ -42,7 +42,8 @@ class DGQConfig:
         phase-2 ratios tried on each side of every channel's best (2·refine more candidates), so 16 + 8 ratios cover
         the release's 80-point resolution at a third of the cost.
     kv: the KV cache (:mod:`dgq.kvcache`): ``none`` (float, the default), ``int8`` (dynamic, per token and KV head)
-        or ``int8-static`` (one scale per layer for K and for V, from calibration; needs ``calib``).
+        ``int8-static`` (one scale per layer for K and for V, from calibration; needs ``calib``) or ``int8-smooth``
+        (``int8`` on keys divided by their per-channel absmax from calibration; needs ``calib``).
     """
 
     method: str = "rtn"

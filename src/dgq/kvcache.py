@@ -6,6 +6,10 @@ Two modes, both symmetric int8 in [-127, 127]:
   KIVI / QServe granularity for keys and values). Nothing to calibrate; new tokens never change old scales.
 - ``int8-static``: one float32 scale per layer for K and one for V, ``absmax / 127`` over calibration tokens (the
   original release's per-tensor scales, taken after RoPE); values beyond the calibrated range are clipped.
+- ``int8-smooth``: ``int8`` after dividing each key channel by ``λ`` = its absmax over calibration tokens (per layer,
+  KV head and channel; QServe's SmoothAttention applied at the cache — a kernel would multiply the query by ``λ``
+  instead). A few key channels with large, token-independent magnitudes (Qwen2's k_proj biases: absmax 145 against a
+  median of 10 in layer 0) otherwise set every token's scale and flatten the other channels. Values as ``int8``.
 
 The cache stores int8 keys/values (``[batch, kv_heads, tokens, head_dim]``) and their scales, and hands attention
 the **dequantized** states of every cached position, the current step's included: attention always reads what a
@@ -32,7 +36,8 @@ from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from .errors import DGQError
 
-KV_MODES = ("none", "int8", "int8-static")
+KV_MODES = ("none", "int8", "int8-static", "int8-smooth")
+CALIBRATED = ("int8-static", "int8-smooth")
 QMAX = 127.0
 log = logging.getLogger("dgq")
 
@@ -101,18 +106,25 @@ class Int8KVLayer(DynamicLayer):
     shapes sees ``[batch, kv_heads, tokens, head_dim]``); ``key_scales``/``value_scales`` hold the float32 scales
     (``[batch, kv_heads, tokens, 1]`` dynamic, 0-d static)."""
 
-    def __init__(self, k_scale: float | None = None, v_scale: float | None = None, **kwargs):
+    def __init__(self, k_scale: float | None = None, v_scale: float | None = None, k_smooth=None, **kwargs):
         super().__init__(**kwargs)
         self.static = k_scale is not None
         if self.static != (v_scale is not None):
             raise DGQError("a static int8 KV layer needs both a key and a value scale")
         self._static_scales = (k_scale, v_scale)
+        self._k_smooth = None if k_smooth is None else torch.as_tensor(k_smooth, dtype=torch.float32)
+        self.k_smooth = None  # [kv_heads, 1, head_dim] on the states' device, from the first update
         self.key_scales = self.value_scales = None
         self.dtype = None
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.device, self.dtype = key_states.device, key_states.dtype
         b, h, _, d = key_states.shape
+        if self._k_smooth is not None:
+            if tuple(self._k_smooth.shape) != (h, d):
+                raise DGQError(f"key smoothing factors of shape {tuple(self._k_smooth.shape)} for keys of {h} heads x "
+                               f"{d} channels")
+            self.k_smooth = self._k_smooth.to(self.device)[:, None, :]
         self.keys = torch.empty(b, h, 0, d, dtype=torch.int8, device=self.device)
         self.values = torch.empty(b, value_states.shape[1], 0, value_states.shape[-1], dtype=torch.int8,
                                   device=self.device)
@@ -134,17 +146,23 @@ class Int8KVLayer(DynamicLayer):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        self.keys, self.key_scales = self._append(key_states, self.keys, self.key_scales)
-        self.values, self.value_scales = self._append(value_states, self.values, self.value_scales)
         dtype = key_states.dtype
-        return dequantize(self.keys, self.key_scales, dtype), dequantize(self.values, self.value_scales, dtype)
+        if self.k_smooth is not None:
+            self.keys, self.key_scales = self._append(key_states.float() / self.k_smooth, self.keys, self.key_scales)
+            keys = (self.keys.float() * (self.key_scales * self.k_smooth)).to(dtype)
+        else:
+            self.keys, self.key_scales = self._append(key_states, self.keys, self.key_scales)
+            keys = dequantize(self.keys, self.key_scales, dtype)
+        self.values, self.value_scales = self._append(value_states, self.values, self.value_scales)
+        return keys, dequantize(self.values, self.value_scales, dtype)
 
     def nbytes(self) -> int:
         """Bytes held: int8 states and their scales."""
         if not self.is_initialized:
             return 0
-        return sum(t.numel() * t.element_size() for t in (self.keys, self.values, self.key_scales,
-                                                            self.value_scales))
+        extra = 0 if self.k_smooth is None else self.k_smooth.numel() * 4
+        return extra + sum(t.numel() * t.element_size() for t in (self.keys, self.values, self.key_scales,
+                                                                    self.value_scales))
 
     # every operation on the token or batch axis applies to the dynamic scales as well
     def _each(self, fn) -> None:
@@ -186,7 +204,8 @@ class Int8KVLayer(DynamicLayer):
 
 class Int8KVCache(DynamicCache):
     """A ``DynamicCache`` whose layers store int8 K/V (see the module docstring). ``scales``: for ``int8-static``,
-    ``{"k_scale": [...], "v_scale": [...]}`` with one float per decoder layer."""
+    ``{"k_scale": [...], "v_scale": [...]}`` with one float per decoder layer; for ``int8-smooth``,
+    ``{"k_smooth": [...]}`` with one ``[kv_heads][head_dim]`` list per decoder layer."""
 
     def __init__(self, config, mode: str = "int8", scales: dict | None = None):
         check_mode(mode)
@@ -200,6 +219,10 @@ class Int8KVCache(DynamicCache):
             if not scales or len(scales.get("k_scale", ())) != n or len(scales.get("v_scale", ())) != n:
                 raise DGQError(f"--kv int8-static needs one key and one value scale per layer ({n} layers)")
             layers = [Int8KVLayer(k, v) for k, v in zip(scales["k_scale"], scales["v_scale"], strict=True)]
+        elif mode == "int8-smooth":
+            if not scales or len(scales.get("k_smooth", ())) != n:
+                raise DGQError(f"--kv int8-smooth needs key smoothing factors for each of the {n} layers")
+            layers = [Int8KVLayer(k_smooth=f) for f in scales["k_smooth"]]
         else:
             layers = [Int8KVLayer() for _ in range(n)]
         Cache.__init__(self, layers=layers)
@@ -235,9 +258,13 @@ def enable(model: torch.nn.Module, mode: str, scales: dict | None = None) -> tor
         old.remove()
         model._dgq_kv_hook = None
     model.dgq_kv = {"mode": mode, **({"k_scale": list(scales["k_scale"]), "v_scale": list(scales["v_scale"])}
-                                     if mode == "int8-static" else {})}
+                                     if mode == "int8-static" else {}),
+                    **({"k_smooth": list(scales["k_smooth"])} if mode == "int8-smooth" else {})}
     if mode == "none":
         return model
+    if mode == "int8-smooth":  # tensors once, not per forward
+        scales = {**scales, "k_smooth": [torch.as_tensor(f, dtype=torch.float32) for f in scales["k_smooth"]]}
+    model._dgq_kv_scales = scales
     name = cache_kwarg(model)
 
     def hook(mod, args, kwargs):
@@ -263,7 +290,7 @@ def new_cache(model: torch.nn.Module):
     kv = getattr(model, "dgq_kv", None) or {"mode": "none"}
     if kv["mode"] == "none":
         return DynamicCache(config=model.config)
-    return Int8KVCache(model.config, kv["mode"], kv if kv["mode"] == "int8-static" else None)
+    return Int8KVCache(model.config, kv["mode"], getattr(model, "_dgq_kv_scales", None))
 
 
 # -- static scales ---------------------------------------------------------------------------------------------------
@@ -271,10 +298,13 @@ class _ObserverLayer(DynamicLayer):
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
         self.k_absmax = self.v_absmax = 0.0
+        self.k_channel = None  # [kv_heads, head_dim] running absmax of the keys
 
     def update(self, key_states, value_states, *args, **kwargs):
         if not bool(torch.isfinite(key_states).all() and torch.isfinite(value_states).all()):
             raise DGQError("NaN/Inf in the key/value states while calibrating the static KV scales")
+        ch = key_states.detach().abs().amax(dim=(0, 2)).float()
+        self.k_channel = ch if self.k_channel is None else torch.maximum(self.k_channel, ch)
         self.k_absmax = max(self.k_absmax, key_states.detach().abs().max().item())
         self.v_absmax = max(self.v_absmax, value_states.detach().abs().max().item())
         return key_states, value_states
@@ -294,12 +324,20 @@ class KVObserver(DynamicCache):
         Cache.__init__(self, layers=[_ObserverLayer() for _ in range(layout(config)["num_hidden_layers"])])
 
     def scales(self) -> dict:
-        """``{"k_scale": [...], "v_scale": [...]}``: absmax / 127 per layer (a layer never seen is an error)."""
-        unseen = [i for i, la in enumerate(self.layers) if la.k_absmax == 0.0 and la.v_absmax == 0.0]
+        """``{"k_scale": [...], "v_scale": [...]}``: absmax / 127 per layer (a layer never seen is an error), and
+        ``"k_smooth"``: per layer, the ``[kv_heads][head_dim]`` key channel absmax (floored at 1e-4 of the
+        layer's, 6 significant digits: the same factors divide and multiply back, so their rounding costs
+        nothing)."""
+        unseen = [i for i, la in enumerate(self.layers) if la.k_channel is None]
         if unseen:
             raise DGQError(f"static KV scales: layer {unseen[0]} saw no key/value states during calibration")
+        smooth = []
+        for la in self.layers:
+            f = la.k_channel.clamp_min(max(la.k_absmax, 1e-8) * 1e-4).cpu()
+            smooth.append([[float(f"{x:.6g}") for x in row] for row in f.tolist()])
         return {"k_scale": [max(la.k_absmax, 1e-8) / QMAX for la in self.layers],
-                "v_scale": [max(la.v_absmax, 1e-8) / QMAX for la in self.layers]}
+                "v_scale": [max(la.v_absmax, 1e-8) / QMAX for la in self.layers],
+                "k_smooth": smooth}
 
 
 @torch.no_grad()
@@ -332,6 +370,16 @@ def check_layout(kv: dict, config, where: str) -> None:
                          if not isinstance(want, dict) or want.get(k) != v)
         raise DGQError(f"{where}: the {mode} KV cache was made for another attention layout "
                        f"(checkpoint vs model: {diff})")
+    if mode == "int8-smooth":
+        f = kv.get("k_smooth")
+        shape = (have["num_hidden_layers"], have["num_key_value_heads"], have["head_dim"])
+        ok = isinstance(f, list) and len(f) == shape[0] and all(
+            isinstance(h, list) and len(h) == shape[1] and all(
+                isinstance(c, list) and len(c) == shape[2]
+                and all(isinstance(x, (int, float)) and 0 < x < float("inf") for x in c) for c in h) for h in f)
+        if not ok:
+            raise DGQError(f"{where}: kv_cache.k_smooth must hold {shape[0]} x {shape[1]} x {shape[2]} positive "
+                           f"finite factors")
     if mode == "int8-static":
         n = have["num_hidden_layers"]
         for key in ("k_scale", "v_scale"):

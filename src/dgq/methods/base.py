@@ -41,7 +41,7 @@ class Method:
         """Method-specific checks of a resolved config (raise DGQError)."""
 
     def needs_calibration(self, config: DGQConfig) -> bool:
-        return self.calibrated or config.act_mode == "static" or config.kv == "int8-static"
+        return self.calibrated or config.act_mode == "static" or config.kv in ("int8-static", "int8-smooth")
 
     def compare_rows(self) -> dict[str, dict]:
         return self.rows or {self.name: {}}
