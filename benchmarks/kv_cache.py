@@ -114,6 +114,8 @@ def one_case(mode: str, tokens: int, decode_steps: int) -> dict:
         cache = DynamicCache(config=cfg)
     elif mode == "int8":
         cache = kvcache.Int8KVCache(cfg, "int8")
+    elif mode == "int8-smooth":
+        cache = kvcache.Int8KVCache(cfg, "int8-smooth", {"k_smooth": [torch.full((h, d), 2.0)] * n})
     else:
         cache = kvcache.Int8KVCache(cfg, "int8-static", {"k_scale": [0.05] * n, "v_scale": [0.05] * n})
     gen = torch.Generator().manual_seed(0)
@@ -145,9 +147,11 @@ def one_case(mode: str, tokens: int, decode_steps: int) -> dict:
 
 
 def memory(a) -> dict:
-    rows = []
+    rows = [json.loads(line) for line in Path(a.prior_rows).read_text().splitlines()] if a.prior_rows else []
     for tokens in a.tokens:
-        for mode in MODES:
+        for mode in a.modes.split(","):
+            if any(r["kv"] == mode and r["tokens"] == tokens + a.decode_steps for r in rows):
+                continue
             out = subprocess.run([sys.executable, __file__, "_case", mode, str(tokens), str(a.decode_steps)],
                                  capture_output=True, text=True, check=True)
             row = json.loads(out.stdout.strip().splitlines()[-1])
@@ -193,6 +197,8 @@ def main() -> None:
     mem = sub.add_parser("memory")
     mem.add_argument("--tokens", type=int, nargs="+", default=[4096, 16384])
     mem.add_argument("--decode-steps", type=int, default=4)
+    mem.add_argument("--modes", default=",".join(MODES), help="KV modes, comma-separated (default: all)")
+    mem.add_argument("--prior-rows", help="JSON lines of rows an earlier run printed (skipped here)")
     mem.add_argument("--out", required=True)
     for p in (acc, mem):
         p.add_argument("--note", help="a remark stored in the JSON (e.g. what else ran on the machine)")

@@ -83,7 +83,8 @@ def zeroshot():
         print(f"| {r['label']} | " + " | ".join(cells) + f" | {100 * mean:.1f} | {wall:.0f} |")
 
 
-KV_LABELS = {"none": "float", "int8": "int8 dynamic", "int8-static": "int8 static"}
+KV_LABELS = {"none": "float", "int8": "int8 dynamic", "int8-static": "int8 static",
+             "int8-smooth": "int8 dynamic, keys smoothed"}
 WEIGHT_LABELS = {"fp": "FP", "dgq": "DGQ A8W4", "rtn": "RTN A8W4 (DGQ format)"}
 
 
@@ -98,7 +99,8 @@ def kv():
               f"quantized: {d['quantized_recipe']['method']} g{g}\n")
         print("| weights | KV cache | ppl | Δ vs same weights, float KV | Δ vs FP | decode check: ppl decoded / one "
               "forward (tokens) |\n|---|---|---|---|---|---|")
-        for r in d["rows"]:
+        order = list(KV_LABELS)
+        for r in sorted(d["rows"], key=lambda r: (r["model"] != "fp", order.index(r["kv"]))):
             c = r.get("decode_check")
             check = f"{c['ppl_decoded']:.4f} / {c['ppl_one_forward']:.4f} ({c['tokens']})" if c else "–"
             print(f"| {WEIGHT_LABELS.get(r['model'], r['model'])} | {KV_LABELS[r['kv']]} | {r['ppl']:.4f} | "
