@@ -110,7 +110,7 @@ def kv():
         d = json.loads(f.read_text())
         print("\n| tokens | KV cache | cache GiB | × bf16 | peak RSS over start, MB | prefill update s | "
               "decode update ms/step |\n|---|---|---|---|---|---|---|")
-        for r in d["rows"]:
+        for r in sorted(d["rows"], key=lambda r: (r["tokens"], list(KV_LABELS).index(r["kv"]))):
             print(f"| {r['tokens']} | {KV_LABELS[r['kv']]} | {r['cache_gib']:.3f} | {r['bytes_vs_bf16']:.3f} | "
                   f"{r['peak_over_start_mb']} | {r['prefill_update_s']} | {r['decode_update_ms_per_step']} |")
 
