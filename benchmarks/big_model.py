@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _common import machine_info  # noqa: E402
+from _common import machine_info, proc_status_mb  # noqa: E402
 
 SHAPE = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
              num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5,
@@ -69,11 +69,7 @@ def make(folder: Path) -> None:
 
 
 def _peak_rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+    return proc_status_mb("VmHWM")
 
 
 def step_rtn(folder: Path, out: Path) -> dict:

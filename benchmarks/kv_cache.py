@@ -32,7 +32,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import dgq  # noqa: E402
-from _common import machine_info  # noqa: E402
+from _common import machine_info, proc_status_mb  # noqa: E402
+from big_model import SHAPE  # noqa: E402
 from dgq import kvcache  # noqa: E402
 from dgq.data import calibration_windows, eval_ids  # noqa: E402
 from dgq.eval.perplexity import perplexity_of_ids  # noqa: E402
@@ -92,16 +93,7 @@ def _recipe(path: str) -> dict:
 
 
 # -- memory ------------------------------------------------------------------------------------------------------
-LLAMA7B = dict(num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32, hidden_size=4096,
-               intermediate_size=11008, vocab_size=32000)
-
-
-def rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+LLAMA7B = SHAPE  # the big-model benchmark's Llama-2-7B shape
 
 
 def one_case(mode: str, tokens: int, decode_steps: int) -> dict:
@@ -122,7 +114,7 @@ def one_case(mode: str, tokens: int, decode_steps: int) -> dict:
     # the prompt's random states, reused by every layer (the content does not change the bytes)
     k = (torch.randn(1, h, tokens, d, generator=gen) * 2).to(torch.bfloat16)
     v = (torch.randn(1, h, tokens, d, generator=gen) * 2).to(torch.bfloat16)
-    base = rss_mb()
+    base = proc_status_mb("VmRSS")
     t0 = time.perf_counter()
     for i in range(n):  # prefill: one update per layer with the whole prompt
         out = cache.update(k, v, i)

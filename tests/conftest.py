@@ -57,3 +57,12 @@ def tiny_hf_dir(tmp_path_factory, smollm2_tokenizer):
     model.save_pretrained(d)
     smollm2_tokenizer.save_pretrained(d)
     return d
+
+
+@pytest.fixture
+def report(capsys):
+    """``report(text)``: print a measured number past pytest's capture (shown in the test log)."""
+    def say(text):
+        with capsys.disabled():
+            print("\n" + text)
+    return say

@@ -233,14 +233,6 @@ def check_export(ck, src_path, out, to, report, logits_tol=2e-3):
     return worst
 
 
-@pytest.fixture
-def report(capsys):
-    def say(text):
-        with capsys.disabled():
-            print("\n" + text)
-    return say
-
-
 @pytest.mark.parametrize("case", Q4_1_CASES)
 def test_gguf_q4_1(ckpts, sources, tmp_path, case, report):
     out = dgq.export(ckpts[case], to="gguf-q4_1", out=tmp_path / "out", source_gguf=sources[CASES[case][0]])

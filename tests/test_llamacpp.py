@@ -18,14 +18,6 @@ import llamacpp_check as lc  # noqa: E402
 pytestmark = [pytest.mark.engine, pytest.mark.slow]
 
 
-@pytest.fixture
-def report(capsys):
-    def say(text):
-        with capsys.disabled():
-            print("\n" + text)
-    return say
-
-
 @pytest.fixture(scope="module")
 def measured(tmp_path_factory):
     """Quantize, save, export both targets and score them in llama.cpp and dgq (4 windows of 512 tokens)."""
