@@ -97,12 +97,12 @@ def check_calibration(method, config: DGQConfig, calib) -> None:
 
 def kv_check(model_config, config: DGQConfig):
     """Refuse a KV mode the model's attention cannot use (before any work); the observer static scales need."""
-    if config.kv == "none":
-        return None
-    why = kvcache.unsupported(model_config)
+    if config.kv in kvcache.CALIBRATED:
+        return kvcache.KVObserver(model_config, config.kv)  # refuses what cannot use the cache
+    why = kvcache.unsupported(model_config) if config.kv != "none" else None
     if why:
         raise DGQError(f"--kv {config.kv}: {why}")
-    return kvcache.KVObserver(model_config) if config.kv in kvcache.CALIBRATED else None
+    return None
 
 
 def kv_entry(model_config, config: DGQConfig, observer) -> dict:
@@ -158,12 +158,10 @@ def use_kv_cache(model: nn.Module, mode: str, calib: torch.Tensor | None = None)
     if mode in kvcache.CALIBRATED and have["mode"] != mode:
         if calib is None:
             raise DGQError(f"the {mode} KV cache needs calibration data: pass calib token windows (CLI: --calib)")
-        why = kvcache.unsupported(model.config)
-        if why:
-            raise DGQError(f"--kv {mode}: {why}")
+        observer = kvcache.KVObserver(model.config, mode)  # refuses what cannot use the cache
         kvcache.enable(model, "none")
         try:
-            scales = kvcache.observe(model, calib).scales()
+            scales = kvcache.observe(model, calib, observer).scales()
         except BaseException:
             kvcache.enable(model, have["mode"], have)
             raise

@@ -317,10 +317,10 @@ class KVObserver(DynamicCache):
     """A cache that stores nothing and records, per layer, the absmax of the keys (after RoPE) and values attention
     would cache."""
 
-    def __init__(self, config):
+    def __init__(self, config, mode: str = "int8-static"):
         why = unsupported(config)
         if why:
-            raise DGQError(f"--kv int8-static: {why}")
+            raise DGQError(f"--kv {mode}: {why}")
         Cache.__init__(self, layers=[_ObserverLayer() for _ in range(layout(config)["num_hidden_layers"])])
 
     def scales(self) -> dict:
