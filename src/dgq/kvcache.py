@@ -8,8 +8,8 @@ Two modes, both symmetric int8 in [-127, 127]:
   original release's per-tensor scales, taken after RoPE); values beyond the calibrated range are clipped.
 - ``int8-smooth``: ``int8`` after dividing each key channel by ``λ`` = its absmax over calibration tokens (per layer,
   KV head and channel; QServe's SmoothAttention applied at the cache — a kernel would multiply the query by ``λ``
-  instead). A few key channels with large, token-independent magnitudes (Qwen2's k_proj biases: absmax 145 against a
-  median of 10 in layer 0) otherwise set every token's scale and flatten the other channels. Values as ``int8``.
+  instead). A few key channels with large, token-independent magnitudes (Qwen2's k_proj biases) otherwise set every
+  token's scale and flatten the other channels. Values as ``int8``.
 
 The cache stores int8 keys/values (``[batch, kv_heads, tokens, head_dim]``) and their scales, and hands attention
 the **dequantized** states of every cached position, the current step's included: attention always reads what a
