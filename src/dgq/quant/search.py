@@ -18,6 +18,7 @@ from ..formats.packing import CODE_MAX, INT8_MAX, pack_uint4
 from .rtn import group_minmax, rtn_quantize
 
 EPS = 1e-10
+CHUNK_ELEMENTS = 1 << 24  # dgq_search splits larger weights into row chunks of about this many elements
 
 
 def default_grid1(n: int = 20) -> torch.Tensor:
@@ -131,7 +132,21 @@ def dgq_search(w: torch.Tensor, h: torch.Tensor, g: int, phase2_enabled: bool = 
                grid1: torch.Tensor | None = None, grid2: torch.Tensor | None = None,
                roundings: tuple[str, ...] = ("round", "ceil"), refine: int = 0) -> DGQWeight:
     """Both phases; with ``phase2_enabled=False`` the coarse scale is the data-free ``max|W_row|/127`` and
-    ``s_int = round(s_group / s_ch)`` (phase 1 only)."""
+    ``s_int = round(s_group / s_ch)`` (phase 1 only).
+
+    Every choice is per output channel, so a weight of more than :data:`CHUNK_ELEMENTS` elements is searched in row
+    chunks: the search's float32 temporaries (~6 copies of the weight) then stay bounded by the chunk (a 7B
+    model's 11008 x 4096 linears: ~1.1 GB -> ~0.3 GB). Smaller weights run in one piece, as always."""
+    n, k = w.shape
+    rows = max(1, CHUNK_ELEMENTS // k)
+    if n * k <= CHUNK_ELEMENTS or n <= rows:
+        return _search(w, h, g, phase2_enabled, grid1, grid2, roundings, refine)
+    parts = [_search(w[i:i + rows], h, g, phase2_enabled, grid1, grid2, roundings, refine) for i in range(0, n, rows)]
+    return DGQWeight(group_size=g, **{f: torch.cat([getattr(p, f) for p in parts]).contiguous()
+                                      for f in ("qweight", "zeros", "scales", "channel_scale")})
+
+
+def _search(w, h, g, phase2_enabled, grid1, grid2, roundings, refine) -> DGQWeight:
     s_group, z = phase1(w, h, g, grid1)
     if phase2_enabled:
         s_ch, s_int, _, r = phase2(w, h, s_group, z, g, grid2, roundings, refine)
