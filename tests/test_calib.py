@@ -170,3 +170,51 @@ def test_search_in_row_chunks_matches_the_whole_search(monkeypatch):
     chunked = search.dgq_search(w, h, 64, **grids)
     for f in ("qweight", "zeros", "scales", "channel_scale"):
         torch.testing.assert_close(getattr(chunked, f), getattr(whole, f), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("method,act", [("dgq", "dynamic"), ("dgq", "static"), ("dgq-gptq", "dynamic")])
+def test_measured_smoothing_keeps_the_fold_it_measured_better(monkeypatch, method, act):
+    """smooth="measured": each fold is judged by the consumers quantized with the method itself, with and without
+    it; the layers of the kept option are reused (not made again). The result equals folding exactly the kept
+    mappings and quantizing from scratch, bitwise."""
+    from safetensors.torch import save
+
+    import dgq.calib as calib_mod
+
+    base = _outlier_model("llama")
+    ids = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(1))
+    m = copy.deepcopy(base)
+    made_calls = []
+    real_make = calib_mod.make_layers
+    monkeypatch.setattr(calib_mod, "make_layers", lambda *a, **k: made_calls.append(a[2]) or real_make(*a, **k))
+    dgq.quantize(m, DGQConfig(method=method, group_size=32, act=act, smooth="measured"), calib=ids, progress=False)
+    log = m.dgq_config["calibration"]["blocks"]
+    decisions = [(b["block"], src, d["kept"]) for b in log for src, d in b["selective"].items()]
+    assert len(decisions) == 2 * 3  # norm->qkv, norm->mlp, up->down in both blocks
+    assert {kept for *_, kept in decisions} == {True, False}  # this model has both kinds of decision
+    for b in log:
+        for d in b["selective"].values():
+            assert d["kept"] == (d["error_on"] < d["error_off"]) and d["error_on"] > 0 and d["error_off"] > 0
+    # each consumer made twice (without and with its fold), o_proj (no mapping here) once, and a quantized source
+    # (up_proj) once more when its rows were folded
+    refolds = sum(1 for _, src, kept in decisions if src == "mlp.up_proj" and kept)
+    assert len(made_calls) == 2 * (2 * 6 + 1) + refolds
+
+    # reference: the same folds forced (the others skipped) and every layer quantized from scratch
+    monkeypatch.setattr(calib_mod, "make_layers", real_make)
+    queue = list(decisions)
+    meth = dgq.methods.get(method)
+    real_smoothing = type(meth).smoothing
+
+    def forced(self, spec, block, stats, config, group_size):
+        _, src, kept = queue.pop(0)
+        assert src == spec.src
+        f, info = real_smoothing(self, spec, block, stats, config, group_size)
+        return (f if kept else torch.ones_like(f)), info
+
+    monkeypatch.setattr(type(meth), "smoothing", forced)
+    ref = copy.deepcopy(base)
+    dgq.quantize(ref, DGQConfig(method=method, group_size=32, act=act, smooth=True), calib=ids, progress=False)
+    assert queue == []
+    got, want = m.state_dict(), ref.state_dict()
+    assert save({k: v.contiguous() for k, v in got.items()}) == save({k: v.contiguous() for k, v in want.items()})

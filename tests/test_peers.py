@@ -240,6 +240,37 @@ def test_compare_cli_writes_report(tiny_hf_dir, tmp_path, capsys):
     assert not (out / "checkpoints").exists()
 
 
+def test_compare_resume_adds_only_missing_rows(tiny_hf_dir, tmp_path, capsys):
+    """--resume keeps an earlier report's rows (FP not evaluated again) and runs only the methods it lacks; other
+    settings, or --force with it, are refused."""
+    import json
+
+    from dgq.cli import main
+
+    text = tmp_path / "t.txt"
+    text.write_text(" ".join(f"word{i % 50} is number {i}." for i in range(800)))
+    out = tmp_path / "cmp"
+    args = ["compare", str(tiny_hf_dir), "--calib", str(text), "--text", str(text), "--out", str(out),
+            "--group-size", "32", "--nsamples", "2", "--calib-seqlen", "32", "--seqlen", "64", "--max-tokens", "512"]
+    assert main(args + ["--methods", "rtn-w4a16"]) == 0, capsys.readouterr().err
+    first = json.loads((out / "results.json").read_text())
+    capsys.readouterr()
+    assert main(args + ["--methods", "rtn-w4a16,rtn-w8a8", "--resume"]) == 0, capsys.readouterr().err
+    assert "1 to run" in capsys.readouterr().out
+    doc = json.loads((out / "results.json").read_text())
+    assert [r["method"] for r in doc["results"]] == ["fp", "rtn-w4a16", "rtn-w8a8"]
+    assert doc["results"][:2] == first["results"]  # kept as measured, dates included
+    assert doc["results"][2]["date"] and doc["results"][2]["delta_ppl_pct"] == round(
+        100 * (doc["results"][2]["ppl"] / doc["results"][0]["ppl"] - 1), 2)
+    assert main(args[:-1] + ["256", "--methods", "rtn-w4a8", "--resume"]) == 2
+    assert "other settings" in capsys.readouterr().err
+    assert main(args[:8] + ["--group-size", "64"] + args[10:] + ["--methods", "rtn-w4a8", "--resume"]) == 2
+    assert "--group-size/--act" in capsys.readouterr().err
+    assert main(args + ["--methods", "rtn-w4a8", "--resume", "--force"]) == 2
+    assert "contradict" in capsys.readouterr().err
+    assert json.loads((out / "results.json").read_text()) == doc  # refusals change nothing
+
+
 def test_act_order_default_per_method():
     """act-order is dgq-gptq's default (it lowers its perplexity, README); gptq keeps the published default."""
     from dgq.cli import build_parser

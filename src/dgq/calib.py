@@ -13,6 +13,7 @@ pass produces the next block's inputs. Each linear's relative output error is lo
 
 from __future__ import annotations
 
+import copy
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -325,11 +326,48 @@ def token_relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     return (d / ref.float().square().sum(-1).clamp_min(1e-12)).mean().item()
 
 
-def smooth_block(block: nn.Module, arch: Arch, prefix: str, targets: dict, stats: dict, config, method) -> dict:
+def _layer_error(layers: list, x: torch.Tensor, y: torch.Tensor) -> float:
+    """The best candidate's relative output error ``‖layer(x) − y‖² / ‖y‖²`` on the sampled tokens ``x``."""
+    ref = y.float().square().sum().clamp_min(1e-12)
+    return min(((layer(x).float() - y.float()).square().sum() / ref).item() for layer in layers)
+
+
+@torch.no_grad()
+def measured_fold_gain(block: nn.Module, spec: Smooth, f: torch.Tensor, prefix: str, targets: dict, stats: dict,
+                       config, method) -> tuple[float, float, dict]:
+    """Measured smoothing decision: each consumer is quantized by the method itself (``make_layers``) without and
+    with the fold ``f`` and run as it will execute (activations quantized as configured) on its sampled calibration
+    tokens; returns the consumers' summed relative output errors ``(off, on)`` and the layers made for the better
+    option (name -> candidates), which ``quantize_block`` then uses instead of quantizing again."""
+    off = on = 0.0
+    made_off, made_on = {}, {}
+    for d in spec.dsts:
+        lin, st = block.get_submodule(d), stats[d]
+        x = st.x().to(lin.weight.device)
+        y = nn.functional.linear(x.to(lin.weight.dtype), lin.weight, lin.bias).float()
+        made_off[d] = make_layers(method, lin, prefix + d, targets[prefix + d].group_size, st, config)
+        off += _layer_error(made_off[d], x, y)
+        lin_on = copy.deepcopy(lin)
+        lin_on.weight.copy_(sm.scale_input_columns(lin.weight, f.to(lin.weight.device)))  # as fold_smoothing does
+        st_on = copy.copy(st)
+        st_on.rescale(f)
+        made_on[d] = make_layers(method, lin_on, prefix + d, targets[prefix + d].group_size, st_on, config)
+        on += _layer_error(made_on[d], st_on.x().to(lin.weight.device), y)
+        del lin_on
+    return off, on, (made_on if on < off else made_off)
+
+
+def smooth_block(block: nn.Module, arch: Arch, prefix: str, targets: dict, stats: dict, config, method,
+                 premade: dict | None = None) -> dict:
     """Step 2 of a block: compute the method's smoothing factors at each of the arch table's mappings whose
     consumers are all quantized, fold them exactly, and rescale the captured statistics the same way. Returns the
-    log entries (``smoothed``, and ``selective`` when the fold is kept only where it lowers the consumers' error)."""
+    log entries (``smoothed``, and ``selective`` when the fold is kept only where it lowers the consumers' error).
+
+    ``smooth="selective"`` judges a fold by a data-free proxy (RTN weights); ``smooth="measured"`` quantizes the
+    consumers with the method itself both ways (:func:`measured_fold_gain`) and leaves the layers of the kept option
+    in ``premade`` (name -> candidates) for ``quantize_block``."""
     entry: dict = {"smoothed": {}}
+    premade = {} if premade is None else premade
     for spec in arch.smooth:
         if not all(d in stats for d in spec.dsts):
             continue
@@ -338,14 +376,19 @@ def smooth_block(block: nn.Module, arch: Arch, prefix: str, targets: dict, stats
         f, info = method.smoothing(spec, block, stats, config, targets[prefix + spec.dsts[0]].group_size)
         if f is None or bool((f == 1).all()):
             continue
-        if config.smooth == "selective":
-            dsts = {d: (block.get_submodule(d).weight.detach().float(), stats[d],
-                        targets[prefix + d].group_size) for d in spec.dsts}
-            off, on = fold_gain(dsts, f, config)
+        if config.smooth in ("selective", "measured"):
+            if config.smooth == "measured":
+                off, on, made = measured_fold_gain(block, spec, f, prefix, targets, stats, config, method)
+                premade.update(made)
+            else:
+                dsts = {d: (block.get_submodule(d).weight.detach().float(), stats[d],
+                            targets[prefix + d].group_size) for d in spec.dsts}
+                off, on = fold_gain(dsts, f, config)
             entry.setdefault("selective", {})[spec.src] = {"error_off": off, "error_on": on, "kept": on < off}
             if not on < off:
                 continue
         fold_smoothing(block, spec, f, arch.norm_offset)
+        premade.pop(spec.src, None)  # a linear source's rows change: its layers are made again
         for st in {id(stats[d]): stats[d] for d in spec.dsts}.values():
             st.rescale(f)
         entry["smoothed"][spec.src] = {"channels": int((f != 1).sum()), "max_factor": round(f.max().item(), 3),
@@ -380,15 +423,19 @@ def _install(block: nn.Module, made: dict[str, Made], j: int) -> dict:
 
 @torch.no_grad()
 def quantize_block(block: nn.Module, index: int, prefix: str, targets: dict, stats: dict, hidden: torch.Tensor,
-                   fp_out: torch.Tensor, kwargs: dict, device, config, method) -> tuple[torch.Tensor, dict]:
-    """Steps 3-4 of a block: the method makes each linear's candidates; every candidate index is run on the
-    calibration windows and the block keeps the one with the lowest mean per-token relative output error. Returns
-    the quantized block's outputs (the next block's inputs) and the log entries."""
+                   fp_out: torch.Tensor, kwargs: dict, device, config, method,
+                   premade: dict | None = None) -> tuple[torch.Tensor, dict]:
+    """Steps 3-4 of a block: the method makes each linear's candidates (or takes them from ``premade``, made for
+    these very weights and statistics while smoothing); every candidate index is run on the calibration windows
+    and the block keeps the one with the lowest mean per-token relative output error. Returns the quantized
+    block's outputs (the next block's inputs) and the log entries."""
     made: dict[str, Made] = {}
+    premade = premade or {}
     for n in stats:
         lin = block.get_submodule(n)
         check_finite(lin.weight.detach(), f"weight of {prefix + n} (after smoothing)")
-        layers = make_layers(method, lin, prefix + n, targets[prefix + n].group_size, stats[n], config)
+        layers = premade.get(n) or make_layers(method, lin, prefix + n, targets[prefix + n].group_size, stats[n],
+                                               config)
         # expand per call while calibrating: cached expansions of the candidates (1-4 bytes per weight on the CPU)
         # would outweigh the float block itself; the chosen layers cache again afterwards
         for layer in layers:
@@ -455,12 +502,13 @@ def calibrate(model: nn.Module, arch: Arch, targets: dict, calib: torch.Tensor, 
                                       full_hessian=method.full_hessian,
                                       token_hessian=method.wants_token_hessian(config))
         entry = {"block": i, "smoothed": {}, "linears": {}}
+        premade: dict = {}
         if config.smooth:
-            entry.update(smooth_block(block, arch, prefix, targets, stats, config, method))
+            entry.update(smooth_block(block, arch, prefix, targets, stats, config, method, premade))
         h_in = hidden
         if quantize:
             hidden, q_entry = quantize_block(block, i, prefix, targets, stats, hidden, fp_out, kwargs[i], device,
-                                             config, method)
+                                             config, method, premade)
             entry.update(q_entry)
             bar.set_postfix(err=entry["block_output_rel_error"])
         else:

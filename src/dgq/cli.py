@@ -212,6 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--keep-checkpoints", action="store_true", help="keep every checkpoint under OUT/checkpoints")
     c.add_argument("--force", action="store_true", help="write into an earlier dgq compare output folder")
+    c.add_argument("--resume", action="store_true",
+                   help="keep the rows of an earlier report in --out (same model, calibration and evaluation "
+                        "settings) and run only the methods it lacks")
     _add_placement(c)
 
     x = sub.add_parser("export", help="write a dgq checkpoint in another library's format (compressed-tensors, "
@@ -320,7 +323,7 @@ def cmd_compare(a) -> None:
     compare(a.model, methods=a.methods, calib=a.calib, text=a.text, out=a.out, group_size=a.group_size, act=a.act,
             nsamples=a.nsamples, calib_seqlen=a.calib_seqlen, seqlen=a.seqlen,
             max_tokens=a.max_tokens or None, seed=a.seed, keep_checkpoints=a.keep_checkpoints, force=a.force,
-            dtype=a.dtype, device=a.device)
+            dtype=a.dtype, device=a.device, resume=a.resume)
     print(f"wrote {Path(a.out) / 'results.json'}, results.md, ppl_vs_bits.png")
 
 

@@ -104,9 +104,9 @@ def parse_methods(spec: str, base: dict) -> list[tuple[str, DGQConfig]]:
 REPORT_FILES = ("results.json", "results.md", "ppl_vs_bits.png", ".results.json.tmp")
 
 
-def check_out(out, force: bool) -> Path:
-    """``out`` is new or empty, or (with ``force``) an earlier dgq compare output holding nothing else: compare
-    writes only its report files and ``checkpoints/``, and removes only the checkpoints it wrote."""
+def check_out(out, force: bool, resume: bool = False) -> Path:
+    """``out`` is new or empty, or (with ``force`` or ``resume``) an earlier dgq compare output holding nothing
+    else: compare writes only its report files and ``checkpoints/``, and removes only the checkpoints it wrote."""
     if out is None or not str(out).strip():
         raise DGQError("the output folder name is empty")
     out = Path(out).expanduser()
@@ -117,8 +117,9 @@ def check_out(out, force: bool) -> Path:
         if others or not (out / "results.json").is_file():
             raise DGQError(f"output {out} exists and is not a dgq compare report (it holds "
                            f"{', '.join(others[:3]) or 'no results.json'}); choose another folder")
-        if not force:
-            raise DGQError(f"output {out} holds an earlier dgq compare report; pass --force to replace it")
+        if not (force or resume):
+            raise DGQError(f"output {out} holds an earlier dgq compare report; pass --force to replace it or "
+                           f"--resume to add the rows it lacks")
         ck = out / "checkpoints"
         if ck.exists() and (not ck.is_dir() or any(not is_dgq_checkpoint(p) for p in ck.iterdir())):
             raise DGQError(f"{ck} holds something other than dgq checkpoints; move it away first")
@@ -182,26 +183,51 @@ def compare(model_ref: str, methods: str | None = None, calib: str = "squad-wiki
             out: str | os.PathLike = "compare-out", group_size: int = 128, act: str = "dynamic", nsamples: int = 32,
             calib_seqlen: int = 512, seqlen: int = 1024, max_tokens: int | None = 32768, seed: int = 0,
             keep_checkpoints: bool = False, progress: bool = True, log=print, force: bool = False,
-            dtype="float32", device="cpu") -> list[dict]:
+            dtype="float32", device="cpu", resume: bool = False) -> list[dict]:
     """FP and each method spec of ``methods`` (default: every registered method) on the same windows; see the
-    module docstring. Returns the result rows (also written to ``out``)."""
+    module docstring. Returns the result rows (also written to ``out``).
+
+    ``resume``: ``out`` holds an earlier report of the same model, calibration and evaluation settings (checked);
+    its rows are kept (FP too, not evaluated again) and only the methods it lacks are run and appended — a long
+    comparison can be done over several runs. Each row records the date it was measured."""
+    if force and resume:
+        raise DGQError("--force (replace the earlier report) and --resume (add to it) contradict each other")
     rows = parse_methods(methods or ",".join(registry.names()), {"group_size": group_size, "act": act, "seed": seed})
-    out = check_out(out, force)  # before loading anything
+    out = check_out(out, force, resume)  # before loading anything
+    previous = _previous(out) if resume else None
     out.mkdir(parents=True, exist_ok=True)
     base, tok = load_model(model_ref, dtype=dtype, device=device)
     ids, bos = eval_ids(text, tok, max_tokens)
     windows = calibration_windows(calib, tok, nsamples, calib_seqlen, seed)
-    t0 = time.perf_counter()
-    fp = perplexity_of_ids(base, ids, seqlen, bos, progress)
-    results = [{"method": "fp", "w_bits": 16, "a_bits": 16, "group_size": None, "ppl": round(fp["ppl"], 4),
-                "delta_ppl_pct": 0.0, "quant_seconds": 0.0, "peak_rss_mb": None, "checkpoint_bytes": None,
-                "bits_per_weight": 16.0, "eval_seconds": round(time.perf_counter() - t0, 1), "config": None}]
-    meta = {"model": model_ref, "calib": {"text": calib, "windows": nsamples, "seqlen": calib_seqlen, "seed": seed},
-            "eval": {"text": text, "tokens": int(ids.numel()), "seqlen": seqlen, "windows": fp["windows"]},
-            "machine": machine_info()}
-    log(f"{'fp':24s} ppl {fp['ppl']:8.4f}")
-    _write(out, meta, results)
-    for index, (name, cfg) in enumerate(rows, 1):
+    setting = {"model": model_ref, "calib": {"text": calib, "windows": nsamples, "seqlen": calib_seqlen, "seed": seed},
+               "eval": {"text": text, "tokens": int(ids.numel()), "seqlen": seqlen}}
+    defaults = {"group_size": group_size, "act": act}
+    if previous is not None:
+        meta, results = previous
+        was = {"model": meta.get("model"), "calib": meta.get("calib"),
+               "eval": {k: meta.get("eval", {}).get(k) for k in ("text", "tokens", "seqlen")}}
+        if meta.get("defaults", defaults) != defaults:  # reports written before rows recorded them lack it
+            raise DGQError(f"--resume: {out} was measured with --group-size/--act {meta['defaults']}, not "
+                           f"{defaults}; use another folder")
+        if was != setting:
+            raise DGQError(f"--resume: {out} was measured with other settings ({json.dumps(was, sort_keys=True)}), "
+                           f"not {json.dumps(setting, sort_keys=True)}; use another folder")
+        done = {r["method"] for r in results}
+        rows = [(name, cfg) for name, cfg in rows if name not in done]
+        log(f"resuming {out}: {len(results)} row(s) kept, {len(rows)} to run")
+        fp = {"ppl": results[0]["ppl"]}
+    else:
+        t0 = time.perf_counter()
+        fp = perplexity_of_ids(base, ids, seqlen, bos, progress)
+        results = [{"method": "fp", "w_bits": 16, "a_bits": 16, "group_size": None, "ppl": round(fp["ppl"], 4),
+                    "delta_ppl_pct": 0.0, "quant_seconds": 0.0, "peak_rss_mb": None, "checkpoint_bytes": None,
+                    "bits_per_weight": 16.0, "eval_seconds": round(time.perf_counter() - t0, 1), "config": None,
+                    "date": machine_info().get("date")}]
+        meta = {**setting, "eval": {**setting["eval"], "windows": fp["windows"]}, "defaults": defaults,
+                "machine": machine_info()}
+        log(f"{'fp':24s} ppl {fp['ppl']:8.4f}")
+        _write(out, meta, results)
+    for index, (name, cfg) in enumerate(rows, len(results)):
         model = copy.deepcopy(base)
         gc.collect()
         with PeakRSS() as rss:
@@ -223,7 +249,7 @@ def compare(model_ref: str, methods: str | None = None, calib: str = "squad-wiki
                "delta_ppl_pct": round(100 * (r["ppl"] / fp["ppl"] - 1), 2), "quant_seconds": round(qs, 1),
                "peak_rss_mb": round(rss.peak / 2**20), "checkpoint_bytes": size,
                "bits_per_weight": quantized_bits_per_weight(back), "eval_seconds": round(time.perf_counter() - te, 1),
-               "format": cfg.format, "config": back.dgq_config["recipe"]}
+               "format": cfg.format, "config": back.dgq_config["recipe"], "date": machine_info().get("date")}
         results.append(row)
         del back
         if not keep_checkpoints:
@@ -235,6 +261,22 @@ def compare(model_ref: str, methods: str | None = None, calib: str = "squad-wiki
         (out / "checkpoints").rmdir()
     _plot(out, meta, results)
     return results
+
+
+def _previous(out: Path) -> tuple[dict, list[dict]] | None:
+    """The earlier report in ``out`` (meta, rows), or None where there is none yet."""
+    path = out / "results.json"
+    if not path.is_file():
+        return None
+    try:
+        doc = json.loads(path.read_text())
+        meta = {k: v for k, v in doc.items() if k != "results"}
+        results = list(doc["results"])
+        if not results or results[0].get("method") != "fp" or not all("method" in r for r in results):
+            raise ValueError("no fp row")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise DGQError(f"--resume: {path} is not a dgq compare report ({type(e).__name__}: {e})") from None
+    return meta, results
 
 
 def _write(out: Path, meta: dict, results: list[dict]) -> None:

@@ -34,8 +34,9 @@ class DGQConfig:
     weights_only: keep float activations (A16W4) in the same storage format.
     s_int_rounding: how rtn rounds ``s_group / s_ch`` (``round`` as in the paper/release, or ``ceil``).
     ignore: full module names not to quantize (each must name a quantizable linear).
-    smooth: True, False or ``"selective"`` (keep a fold only where it lowers the consumers' quantized output error);
-        None = the method's default for the activation mode.
+    smooth: True, False, ``"selective"`` (keep a fold only where it lowers the consumers' quantized output error,
+        judged with data-free RTN weights) or ``"measured"`` (judged with the consumers quantized by the method itself
+        and run as executed on calibration tokens); None = the method's default for the activation mode.
     search / phase2: the parts of ``dgq`` (``--no-search``, ``--phase1-only``).
     search_tokens: calibration tokens sub-sampled for the search objectives (spread over all windows).
     grid1 / grid2: grid sizes of search phases 1 and 2 (phase 2 spans 1.0 -> 0.2 as in the release); refine: finer
@@ -89,8 +90,8 @@ class DGQConfig:
             raise DGQError(f"unknown activation mode {self.act!r}; choose dynamic or static")
         if self.s_int_rounding not in ("round", "ceil"):
             raise DGQError(f"s_int_rounding must be round or ceil, got {self.s_int_rounding!r}")
-        if self.smooth not in (None, True, False, "selective"):
-            raise DGQError(f"smooth must be true, false or 'selective', got {self.smooth!r}")
+        if self.smooth not in (None, True, False, "selective", "measured"):
+            raise DGQError(f"smooth must be true, false, 'selective' or 'measured', got {self.smooth!r}")
         if self.group_size is not None and (not isinstance(self.group_size, int) or isinstance(self.group_size, bool)
                                             or self.group_size == 0 or self.group_size < -1):
             raise DGQError(f"group size must be a positive integer or -1 (per-channel), got {self.group_size!r}")
