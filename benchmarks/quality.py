@@ -8,6 +8,7 @@ finish, so a long run keeps what it measured; existing rows of the same name are
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import resource
@@ -48,6 +49,10 @@ ROWS = {
     "dgq-static-nosmooth-phase1": dgq_cfg("static", smooth=False, phase2=False),
     "dgq-dyn-selective": dgq_cfg("dynamic", smooth="selective"),
     "dgq-static-selective": dgq_cfg("static", smooth="selective"),
+    # measured smoothing: a fold kept only where the consumers quantized by the search itself do better (#17)
+    "dgq-dyn-measured": dgq_cfg("dynamic", smooth="measured"),
+    "dgq-static-measured": dgq_cfg("static", smooth="measured"),
+    "dgq-gptq-measured": DGQConfig(method="dgq-gptq", group_size=G, smooth="measured"),
     "dgq-dyn-nosearch": dgq_cfg("dynamic", smooth=True, search=False),
     "dgq-static-nosearch": dgq_cfg("static", smooth=True, search=False),
     "dgq-w4a16": DGQConfig(method="dgq", group_size=G, weights_only=True, smooth=False),
@@ -82,13 +87,15 @@ def main():
     ap.add_argument("--max-tokens", type=int, default=32768)
     ap.add_argument("--seqlen", type=int, default=1024)
     ap.add_argument("--out", default="benchmarks/results/quality.json")
+    ap.add_argument("--group-size", type=int, default=G, help=f"every row's group size (default {G}: SmolLM2's "
+                    "weights sit on a group-32 grid; 128 for Qwen2.5-Coder)")
     a = ap.parse_args()
     out_path = Path(a.out)
     prev = json.loads(out_path.read_text()) if out_path.exists() else {}
     results = {r["row"]: r for r in prev.get("results", [])}
     test, valid = str(Path(a.wiki) / "test.txt"), str(Path(a.wiki) / "valid.txt")
     for row in a.rows.split(","):
-        cfg = ROWS[row]
+        cfg = ROWS[row] if ROWS[row] is None else dataclasses.replace(ROWS[row], group_size=a.group_size)
         model, tok = dgq.load_model(a.model)
         t0 = time.perf_counter()
         calib = None
@@ -111,7 +118,7 @@ def main():
         fp = results.get("fp", {}).get("ppl")
         for x in results.values():
             x["delta_ppl_pct"] = None if fp is None else round(100 * (x["ppl"] / fp - 1), 2)
-        doc = {"model": a.model, "group_size": G,
+        doc = {"model": a.model, "group_size": a.group_size,
                "eval": {"text": "wikitext-2 test.txt", "max_tokens": a.max_tokens, "seqlen": a.seqlen},
                "machine": machine_info(), "results": list(results.values())}
         out_path.parent.mkdir(parents=True, exist_ok=True)
