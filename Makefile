@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.dgq-installed
 OUT ?= out
 
-.PHONY: install demo test test-fast test-engines lint bench-cpu clean
+.PHONY: install demo test test-fast test-engines tf457 lint bench-cpu clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -44,6 +44,11 @@ test-fast: install
 test-engines: install
 	CMAKE_BUILD_PARALLEL_LEVEL=2 $(PY) -m pip install -q llama-cpp-python==0.3.36
 	$(PY) -m pytest -q -m engine
+
+# transformers 4.57.6 (the last 4.x) with its huggingface-hub and tokenizers, pip --target into the dgq cache, for
+# tests/test_hf_tf457.py (which installs it itself when missing; the venv keeps transformers 5.x)
+tf457: install
+	$(PY) tests/test_hf_tf457.py install
 
 bench-cpu: install
 	$(PY) benchmarks/cpu_linear.py

@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 
 import dgq
 from dgq import DGQConfig, DGQError
-from dgq.checkpoint import HF_GUARD, HF_GUARD_KEY, WEIGHTS, config_sha256, file_sha256
+from dgq.checkpoint import HF_GUARD, HF_GUARD_KEYS, HF_LEGACY_GUARD_KEY, WEIGHTS, config_sha256, file_sha256
 from dgq.formats import QuantLinear
 from tiny import make_tiny, tokenizer
 
@@ -85,6 +85,16 @@ def test_from_pretrained_equals_dgq_load(ckpts, case):
     assert torch.equal(logits(hf_load(path, device_map="cpu", dtype=torch.float32)), logits(ref))
 
 
+def test_requested_attention(ckpts):
+    """The guard in config.json's attn_implementation gives way to transformers' default, or to the one asked for."""
+    path = ckpts["dgq"]
+    ref = logits(dgq.load(path))
+    assert hf_load(path).config._attn_implementation == "sdpa"
+    model = hf_load(path, attn_implementation="eager")
+    assert model.config._attn_implementation == "eager"
+    assert torch.allclose(logits(model), ref, atol=1e-4, rtol=1e-4)
+
+
 def test_other_dtype_keeps_quantized_tensors(ckpts):
     """dtype=bfloat16 casts the float weights (embeddings, norms, biases) but never the quantized tensors."""
     for case in ("dgq", "w4a16", "w8a8"):
@@ -113,7 +123,7 @@ def test_save_pretrained_round_trip(ckpts, case, tmp_path):
     files = sorted(p.name for p in out.glob("*.safetensors"))
     assert len(files) > 2 and (out / "model.safetensors.index.json").is_file()
     cfg = json.loads((out / "config.json").read_text())
-    assert cfg[HF_GUARD_KEY] == HF_GUARD
+    assert all(cfg[k] == HF_GUARD for k in HF_GUARD_KEYS)
     assert set(cfg["quantization_config"]["checksums"]) == {"config.json", *files}
     # both loaders, checksums verified
     assert torch.equal(logits(dgq.load(out)), ref)
@@ -162,20 +172,39 @@ def run_plain(path):
 
 def test_plain_transformers_refuses(ckpts, tmp_path):
     """Without import dgq, from_pretrained raises (naming the fix) instead of random-initialising the quantized
-    layers; also for a folder re-saved with save_pretrained."""
-    code, out = run_plain(ckpts["w8a8"])
-    assert code == 3 and out.startswith("ValueError") and "import dgq" in out, out
+    layers; also for a folder re-saved with save_pretrained, and for one with the legacy guard. (4.57: see
+    test_hf_tf457.py.)"""
+    guard = f'ValueError Specified `attn_implementation="{HF_GUARD}"` is not supported'
+    for case in ("dgq", "w8a8"):
+        code, out = run_plain(ckpts[case])
+        assert code == 3 and out.startswith(guard), out
     hf_load(ckpts["dgq"]).save_pretrained(tmp_path / "resaved")
     code, out = run_plain(tmp_path / "resaved")
-    assert code == 3 and "import dgq" in out, out
+    assert code == 3 and out.startswith(guard), out
+    code, out = run_plain(legacy_copy(ckpts["dgq"], tmp_path))
+    assert code == 3 and out.startswith("ValueError") and "`import dgq`" in out, out
+
+
+def legacy_copy(path, tmp_path):
+    """A checkpoint with the first guard (a weights file name in ``transformers_weights``), as dgq wrote before."""
+    legacy = copy_of(path, tmp_path, "legacy")
+    cfg = json.loads((legacy / "config.json").read_text())
+    for k in HF_GUARD_KEYS:
+        del cfg[k]
+    cfg[HF_LEGACY_GUARD_KEY] = HF_GUARD
+    (legacy / "config.json").write_text(json.dumps(cfg))
+    reseal(legacy)
+    return legacy
 
 
 def test_checkpoints_without_guard_still_load(ckpts, tmp_path):
-    """Checkpoints written before the guard (format 2) and format 1 (no checksums) load with both loaders."""
+    """Checkpoints written before the guard (format 2), with the legacy guard, and format 1 (no checksums) load
+    with both loaders."""
     ref = logits(dgq.load(ckpts["dgq"]))
     v2 = copy_of(ckpts["dgq"], tmp_path, "v2")
     cfg = json.loads((v2 / "config.json").read_text())
-    del cfg[HF_GUARD_KEY]
+    for k in HF_GUARD_KEYS:
+        del cfg[k]
     (v2 / "config.json").write_text(json.dumps(cfg))
     reseal(v2)
     v1 = copy_of(v2, tmp_path, "v1")
@@ -183,7 +212,7 @@ def test_checkpoints_without_guard_still_load(ckpts, tmp_path):
     del cfg["quantization_config"]["checksums"]
     cfg["quantization_config"]["format_version"] = 1
     (v1 / "config.json").write_text(json.dumps(cfg))
-    for path in (v2, v1):
+    for path in (v2, v1, legacy_copy(ckpts["dgq"], tmp_path)):
         assert torch.equal(logits(dgq.load(path)), ref)
         assert torch.equal(logits(hf_load(path)), ref)
 

@@ -13,7 +13,7 @@ is checked by name, shape and dtype (unknown ones refused), every float tensor m
 module's format invariants must hold.
 
 config.json also carries :data:`HF_GUARD` (see there): transformers without ``import dgq`` refuses the folder;
-with it, :mod:`dgq.hf` loads it through ``from_pretrained``.
+with it, :mod:`dgq.hf` loads it through ``from_pretrained``; ``load`` leaves it out of the model config.
 """
 
 from __future__ import annotations
@@ -47,11 +47,16 @@ WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 FORMAT_VERSION = 2  # of the checkpoint layout and its quantization_config; load reads 1 (no checksums) and 2
 DEFAULT_MAX_SHARD = 5 * 10**9  # bytes per shard (transformers' default "5GB")
-# A config.json key only transformers reads (the weights file to load) holding a name it refuses: plain transformers
-# stops with this message instead of loading a model with random quantized layers; dgq's quantizer (dgq.hf) removes
-# it before transformers looks for the weights, and dgq.load never reads it.
-HF_GUARD_KEY = "transformers_weights"
+# What stops plain transformers (no `import dgq`) from loading a checkpoint with random quantized layers: config.json
+# names this message as the attention implementation, which transformers refuses when it builds the model
+# ("Specified `attn_implementation="dgq checkpoint: ..."` is not supported"). transformers 5.x reads the key
+# `attn_implementation`, 4.57 the attribute behind it (`_attn_implementation_internal`); each ignores the other's key.
+# dgq's quantizer (dgq.hf) resets them before the model is built; dgq.load drops them (:func:`without_guard`).
 HF_GUARD = "dgq checkpoint: run `import dgq` before from_pretrained (pip install dgq), or load it with dgq.load"
+HF_GUARD_KEYS = ("attn_implementation", "_attn_implementation_internal")
+# The first guard, in checkpoints written before these (dgq 0.x up to this change): a weights file name transformers
+# refuses. 4.57 refuses it even after `import dgq` (it reads it before any quantizer hook), so it is no longer written.
+HF_LEGACY_GUARD_KEY = "transformers_weights"
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)\s*$", re.IGNORECASE)
 
 
@@ -199,8 +204,8 @@ class CheckpointWriter:
 def write_config(folder: Path, model_config: dict, qcfg: dict, weights: list[str]) -> dict:
     """Write ``folder/config.json``: the model config, the guard that stops plain transformers (:data:`HF_GUARD`)
     and the quantization_config with the checksums of itself and of the ``weights`` files; returns what it wrote."""
-    cfg = dict(model_config)
-    cfg[HF_GUARD_KEY] = HF_GUARD
+    cfg = without_guard(model_config)
+    cfg.update(dict.fromkeys(HF_GUARD_KEYS, HF_GUARD))
     cfg["quantization_config"] = {k: v for k, v in qcfg.items() if k != "checksums"}
     cfg["quantization_config"]["format_version"] = FORMAT_VERSION
     cfg = json.loads(json.dumps(cfg))  # the digest is of what load reads back (tuples become lists...)
@@ -209,6 +214,15 @@ def write_config(folder: Path, model_config: dict, qcfg: dict, weights: list[str
     cfg["quantization_config"]["checksums"] = sums
     (folder / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     return cfg
+
+
+def is_guard(value) -> bool:
+    return isinstance(value, str) and value.startswith("dgq checkpoint")
+
+
+def without_guard(cfg: dict) -> dict:
+    """config.json's content without the guard (:data:`HF_GUARD` under its keys, the legacy one included)."""
+    return {k: v for k, v in cfg.items() if not (k in (*HF_GUARD_KEYS, HF_LEGACY_GUARD_KEY) and is_guard(v))}
 
 
 @contextmanager
@@ -348,7 +362,7 @@ def model_config(path: Path, cfg: dict):
     if not isinstance(cfg.get("model_type"), str):
         raise DGQError(f"{path}: config.json has no model_type")
     try:
-        config = AutoConfig.for_model(**cfg)
+        config = AutoConfig.for_model(**without_guard(cfg))
     except Exception as e:  # noqa: BLE001 - transformers raises many types for bad config values
         raise DGQError(f"{path}: cannot build the model config ({type(e).__name__}: {_first_line(e)})") from None
     arch_for_config(config)

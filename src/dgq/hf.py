@@ -1,33 +1,44 @@
 """transformers-native loading: after ``import dgq``, ``AutoModelForCausalLM.from_pretrained(ckpt)`` (and pipelines)
 load dgq checkpoints through transformers' quantizer API (``quant_method: "dgq"``), with the checks of
-:func:`dgq.load`, and ``save_pretrained`` writes a dgq checkpoint again (checksums included).
+:func:`dgq.load`, and ``save_pretrained`` writes a dgq checkpoint again (checksums included). Tested with
+transformers 5.x (the installed one) and 4.57 (tests/test_hf_tf457.py); their hooks differ where noted.
 
 How it loads: transformers builds the float model on the meta device; :class:`DGQHfQuantizer` first checks the
 folder as ``dgq.load`` does (config, format version, checksums of config.json and every weights file, tensor names,
 shapes and the quantized tensors' dtypes, from the files' headers), then swaps each linear listed in
 ``quantization_config["modules"]`` for its empty quantized module (:func:`dgq.checkpoint.quantized_module`).
 transformers then fills the modules' buffers from the files: integer tensors keep their dtype and float buffers take
-the dtype of the module's buffer (float32 channel scales, float16 W4A16 scales), never the model's ``dtype``; the
-other float weights (embeddings, norms, biases, lm_head) take the requested ``dtype`` as in any transformers model.
-After loading: every float tensor read is finite, every quantized module passes its format's ``check()``, and the
-siblings are fused (:func:`dgq.fuse_siblings`), as ``dgq.load`` leaves them.
+the dtype of the module's buffer (float32 channel scales, float16 W4A16 scales), never the model's ``dtype`` (4.57
+casts them to it: they are read again from the files); the other float weights (embeddings, norms, biases, lm_head)
+take the requested ``dtype`` as in any transformers model. 5.x names the weights files to the quantizer; with 4.57
+the folder is the one ``from_pretrained`` was given (a local folder). After loading: every float tensor read is
+finite, every quantized module passes its format's ``check()``, and the siblings are fused
+(:func:`dgq.fuse_siblings`), as ``dgq.load`` leaves them.
 
 Without ``import dgq``, plain transformers would only warn ("Unknown quantization type") and fill the quantized
-layers at random. Checkpoints therefore carry :data:`dgq.checkpoint.HF_GUARD` in config.json's
-``transformers_weights`` (the weights file transformers should read), which transformers refuses with that message;
-the quantizer removes it before transformers looks for the weights (``update_attn_implementation`` is its only hook
-that sees the model config that early). Checkpoints written before the guard still load silently wrong in plain
-transformers (re-save them with dgq to add it). The other lever, a tensor whose shape differs from the float model's
-(transformers raises on size mismatches), does not exist for W8A8 (``weight`` int8 ``[N, K]``, cast silently).
+layers at random (4.57 refuses W8A8's int8 weights, with an unrelated message). Checkpoints therefore name
+:data:`dgq.checkpoint.HF_GUARD` as their attention implementation in config.json, under ``attn_implementation``
+(read by 5.x) and ``_attn_implementation_internal`` (read by 4.57): transformers refuses it when it builds the model,
+with that message. The quantizer resets it before the model is built, in a hook that sees the config then
+(``update_attn_implementation`` in 5.x, ``update_tp_plan`` in 4.57). In 5.x an ``attn_implementation`` passed to
+``from_pretrained`` replaces the guard (in plain transformers too); 4.57 sets the guard over it as it reads
+config.json, so plain 4.57 still refuses, and with dgq ``AutoModelForCausalLM`` gets transformers' default attention
+(``model.set_attn_implementation(...)`` after loading changes it). Checkpoints written before the guard still load
+silently wrong in plain transformers; those with the first guard (a weights file name in ``transformers_weights``,
+:data:`dgq.checkpoint.HF_LEGACY_GUARD_KEY`) load with 5.x, but 4.57 refuses them before any quantizer hook, even
+after ``import dgq`` (re-save them with dgq). A tensor whose shape differs from the float model's (transformers
+raises on size mismatches) is no lever: W8A8 has none (``weight`` int8 ``[N, K]``, cast silently by 5.x).
 
 Saving: ``save_pretrained`` writes every parameter and buffer (``get_state_dict_and_metadata``: what ``dgq.save``
 writes); the loaded model's ``save_pretrained`` is wrapped (on the instance) to put the guard back afterwards
-(transformers drops ``transformers_weights`` from every config it saves) and record fresh checksums, so the folder is
-a dgq checkpoint that ``dgq.load`` verifies.
+(transformers saves the config without it) and record fresh checksums, so the folder is a dgq checkpoint
+that ``dgq.load`` verifies.
 
 ``dgq.load`` stays the reference loader (``verify=False``, ``cache_weights``, ``device``, exact dtypes, no
 transformers loading machinery); this module loads the same tensors into the same modules, so the logits are bitwise
-equal when the model ``dtype`` is the checkpoint's.
+equal when the model ``dtype`` is the checkpoint's. A checkpoint holds transformers' rotary tables, which differ
+between 4.57 and 5.x (5.x adds ``original_inv_freq``): neither loader reads a checkpoint written with 5.x under 4.57,
+or the reverse.
 """
 
 from __future__ import annotations
@@ -39,15 +50,16 @@ import types
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
 from . import kvcache
 from .arch import arch_for_config, set_submodule
 from .checkpoint import (
     FORMAT_VERSION,
-    HF_GUARD,
-    HF_GUARD_KEY,
+    HF_LEGACY_GUARD_KEY,
     WEIGHTS,
     check_sizes,
+    is_guard,
     quantized_module,
     read_quantization_config,
     state_of,
@@ -95,27 +107,33 @@ if HfQuantizer is not None:
             self.path: Path | None = None
             self.names: dict = {}
             self.q: dict = {}
+            self.dtypes: dict = {}
 
         def validate_environment(self, *args, device_map=None, **kwargs):
-            if "update_attn_implementation" not in vars(HfQuantizer):  # e.g. transformers 4.x
+            if not {"update_attn_implementation", "update_tp_plan"} & set(vars(HfQuantizer)):  # older than 4.5x
                 import transformers
 
                 raise DGQError(f"from_pretrained cannot load dgq checkpoints with transformers "
-                               f"{transformers.__version__} (its quantizers never see the model config before the "
-                               f"weights are looked up); load them with dgq.load")
+                               f"{transformers.__version__} (use 4.57 or 5.x); load them with dgq.load")
             if isinstance(device_map, dict) and "disk" in {str(v) for v in device_map.values()}:
                 raise DGQError("dgq checkpoints cannot be offloaded to disk (device_map has 'disk')")
 
         def update_attn_implementation(self, config):
-            guard = getattr(config, HF_GUARD_KEY, None)
-            if guard == HF_GUARD or (isinstance(guard, str) and guard.startswith("dgq checkpoint")):
-                delattr(config, HF_GUARD_KEY)  # transformers resolves the weights files next: the standard names
+            """The guard off the config before the model is built (5.x calls this hook, 4.57 ``update_tp_plan``):
+            transformers then picks its default attention (or the one requested), and the standard weights files."""
+            if is_guard(getattr(config, "_attn_implementation", None)):
+                config._attn_implementation = None
+            if is_guard(getattr(config, HF_LEGACY_GUARD_KEY, None)):
+                delattr(config, HF_LEGACY_GUARD_KEY)
             return config
 
+        update_tp_plan = update_attn_implementation
+
         def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
-            if not checkpoint_files:
-                raise DGQError("dgq checkpoints load from a checkpoint folder (no weights files were given)")
-            path = Path(checkpoint_files[0]).parent
+            # 5.x names the weights files; 4.57 does not: the folder is the one from_pretrained was given
+            path = Path(checkpoint_files[0]).parent if checkpoint_files else Path(model.config.name_or_path)
+            if not path.is_dir():
+                raise DGQError(f"dgq checkpoints load from a local folder with this transformers; {path} is not one")
             cfg, q = read_quantization_config(path)
             verify_checksums(path, cfg, q)
             names = tensor_index(path)
@@ -130,12 +148,24 @@ if HfQuantizer is not None:
             # dgq checkpoints hold the non-persistent buffers too (rotary tables; dgq.load reads them): transformers
             # computes its own, and would list these as unexpected keys
             persistent = set(model.state_dict())
-            extra = {rf"^{re.escape(n)}$" for n, _ in model.named_buffers() if n in names and n not in persistent}
-            model._keys_to_ignore_on_load_unexpected = set(model._keys_to_ignore_on_load_unexpected or ()) | extra
+            extra = [rf"^{re.escape(n)}$" for n, _ in model.named_buffers() if n in names and n not in persistent]
+            ignored = model._keys_to_ignore_on_load_unexpected  # a set in 5.x, a list (or None) in 4.57
+            merged = [*(ignored or ()), *extra]
+            model._keys_to_ignore_on_load_unexpected = set(merged) if isinstance(ignored, set) else merged
+            # the quantized modules' own dtypes: 4.57 casts every float tensor it loads to the model's dtype
+            self.dtypes = {f"{n}.{b}": t.dtype for n, m in model.named_modules() if isinstance(m, QuantLinear)
+                           for b, t in m.named_buffers(recurse=False)}
             self.path, self.names, self.q = path, names, q
 
         def _process_model_after_weight_loading(self, model, **kwargs):
             path = self.path
+            for name, dtype in self.dtypes.items():
+                t = model.get_buffer(name)
+                if t.dtype != dtype and not t.is_meta:  # cast by 4.57: read again, as the module holds it
+                    file = self.names[name][0]
+                    with safe_open(path / file, framework="pt", device=str(t.device)) as f:
+                        mod, _, attr = name.rpartition(".")
+                        setattr(model.get_submodule(mod), attr, f.get_tensor(name).to(dtype))
             tensors = dict(model.named_parameters(remove_duplicate=False))
             tensors.update(model.named_buffers(remove_duplicate=False))
             for name in self.names:
@@ -173,7 +203,12 @@ if HfQuantizer is not None:
 def check_tensor_headers(path: Path, model: torch.nn.Module, names: dict) -> None:
     """The checkpoint's tensors (``names``: name -> (file, shape, dtype) from the headers) are exactly the model's
     (tied copies aside), with their shapes, and the quantized modules' tensors with their dtypes too."""
-    tied = set(getattr(model, "all_tied_weights_keys", None) or {})
+    tied = set(getattr(model, "all_tied_weights_keys", None) or {})  # 5.x; in 4.57 the second name of a tensor
+    seen = set()
+    for n, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in seen:
+            tied.add(n)
+        seen.add(id(p))
     expected = {n: t for n, t in model.named_parameters(remove_duplicate=False) if n not in tied}
     expected.update(model.named_buffers(remove_duplicate=False))
     missing = [n for n in expected if n not in names]

@@ -37,7 +37,6 @@ from transformers import AutoModelForCausalLM
 
 from .._version import __version__
 from ..checkpoint import (
-    HF_GUARD_KEY,
     INDEX,
     CheckpointWriter,
     check_sizes,
@@ -46,6 +45,7 @@ from ..checkpoint import (
     read_quantization_config,
     tensor_index,
     verify_checksums,
+    without_guard,
 )
 from ..errors import DGQError
 from ..formats import DGQWeight, W4Weight, W8Weight
@@ -265,7 +265,7 @@ def export(ckpt, to: str, out, force: bool = False, verify: bool = True, max_sha
                 w.add({name: src.get(name)})  # embeddings, norms, biases, lm_head: as they are
             # else: buffers transformers does not save (rotary tables)
         w.finish_weights()
-        cfg = {k: v for k, v in src.cfg.items() if k != HF_GUARD_KEY}
+        cfg = without_guard(src.cfg)
         cfg["quantization_config"] = quantization_config(to, p)
         cfg[EXPORT_KEY] = {"target": to, "source": path.name, "dgq_version": __version__,  # no local paths
                            **{k: src.q.get(k) for k in ("method", "format", "group_size", "act")}}
