@@ -134,6 +134,42 @@ def test_legacy_guard(dgq_run):
     assert "dgq checkpoint: run `import dgq`" in r["from_pretrained"]
 
 
+def test_checkpoints_move_between_versions(dgq_run, tf457, tmp_path):
+    """A checkpoint written under 4.57 loads under 5.x and one written under 5.x loads under 4.57 (5.x keeps an
+    extra rotary table, ``original_inv_freq``: filled from ``inv_freq`` / not read), with the same logits."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    import dgq
+    from dgq import DGQConfig
+    from tiny import make_tiny, tokenizer
+
+    folder, _ = dgq_run
+    ids = torch.randint(1, 256, (2, 11), generator=torch.Generator().manual_seed(1))
+    old = load_file(folder / "logits-4.57.safetensors")
+    with torch.no_grad():
+        for case in ("dgq", "qwen2"):
+            torch.testing.assert_close(dgq.load(folder / case)(ids).logits, old[case], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(AutoModelForCausalLM.from_pretrained(folder / case)(ids).logits, old[case],
+                                       rtol=1e-5, atol=1e-5)
+    calib = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(5))
+    new, want = tmp_path / "new", {}
+    for case, family in (("llama", "llama"), ("qwen2", "qwen2")):
+        m = make_tiny(family)
+        dgq.quantize(m, DGQConfig(method="rtn", group_size=32), calib=calib, progress=False)
+        path = dgq.save(m, new / case, tokenizer=tokenizer())
+        assert any(n.endswith("original_inv_freq") for n in load_file(path / "model.safetensors"))  # 5.x's table
+        with torch.no_grad():
+            want[case] = dgq.load(path)(ids).logits
+    r = results(run_child("cross", new, tf457))
+    assert r["transformers"] == "4.57.6" and len(r["loaded"]) == 4
+    got = load_file(new / "logits-cross.safetensors")
+    for case, ref in want.items():
+        for how in ("dgq_load", "from_pretrained"):
+            torch.testing.assert_close(got[f"{case}/{how}"], ref, rtol=1e-5, atol=1e-5)
+
+
 def test_plain_transformers_refuses(dgq_run, tf457):
     """Without ``import dgq``, 4.57's from_pretrained raises instead of random-initialising the quantized layers:
     every format, and a folder re-saved with save_pretrained."""
@@ -173,12 +209,13 @@ def child_dgq(folder: Path) -> dict:
     out = {"transformers": transformers.__version__, "huggingface_hub": huggingface_hub.__version__,
            "dgq": dgq.__file__, "cases": {}}
     paths = {}
+    written = {}
     for case, (family, config) in configs.items():
         m = make_tiny(family)
         dgq.quantize(m, config, calib=calib, progress=False)
         path = paths[case] = dgq.save(m, folder / case, tokenizer=tokenizer())
         ref = dgq.load(path)
-        want = logits(ref)
+        want = written[case] = logits(ref)
         model = AutoModelForCausalLM.from_pretrained(path)
         quant = {n: q for n, q in model.named_modules() if isinstance(q, QuantLinear)}
         r = out["cases"][case] = {
@@ -242,6 +279,9 @@ def child_dgq(folder: Path) -> dict:
     cfg[HF_LEGACY_GUARD_KEY] = HF_GUARD
     (legacy / "config.json").write_text(json.dumps(cfg))
     reseal(legacy)
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in written.items()}, folder / "logits-4.57.safetensors")
     out["legacy"] = {"dgq_load": torch.equal(logits(dgq.load(legacy)), want)}
     try:
         AutoModelForCausalLM.from_pretrained(legacy)
@@ -249,6 +289,26 @@ def child_dgq(folder: Path) -> dict:
     except Exception as e:  # noqa: BLE001 - the message is what the test pins
         out["legacy"]["from_pretrained"] = f"{type(e).__name__} {e}"
     return out
+
+
+def child_cross(folder: Path) -> dict:
+    """Checkpoints written under 5.x (the parent) loaded here under 4.57: their logits, by dgq.load and by
+    from_pretrained, into ``folder/logits-cross.safetensors``."""
+    import torch
+    import transformers
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    import dgq
+
+    ids = torch.randint(1, 256, (2, 11), generator=torch.Generator().manual_seed(1))
+    got = {}
+    with torch.no_grad():
+        for case in sorted(p.name for p in folder.iterdir() if p.is_dir()):
+            got[f"{case}/dgq_load"] = dgq.load(folder / case)(ids).logits
+            got[f"{case}/from_pretrained"] = AutoModelForCausalLM.from_pretrained(folder / case)(ids).logits
+    save_file(got, folder / "logits-cross.safetensors")
+    return {"transformers": transformers.__version__, "loaded": sorted(got)}
 
 
 def child_plain(folder: Path) -> dict:
@@ -269,4 +329,5 @@ if __name__ == "__main__":
     if sys.argv[1] == "install":  # make tf457
         print(install())
     else:
-        print(json.dumps({"dgq": child_dgq, "plain": child_plain}[sys.argv[1]](Path(sys.argv[2]))))
+        child = {"dgq": child_dgq, "plain": child_plain, "cross": child_cross}[sys.argv[1]]
+        print(json.dumps(child(Path(sys.argv[2]))))

@@ -423,11 +423,39 @@ def skeleton(path: Path, config, modules: dict) -> nn.Module:
     return model
 
 
+# transformers 5.x keeps a copy of each rotary table (``original_inv_freq``, a non-persistent buffer) that 4.x does
+# not have, and checkpoints hold non-persistent buffers: a checkpoint written under either loads under the other
+# (the copy is ``inv_freq`` as transformers builds it; a copy the model does not have is not read)
+VERSION_BUFFERS = {"original_inv_freq": "inv_freq"}
+
+
+def version_buffers(model: nn.Module, names) -> tuple[dict, set]:
+    """``(fill, ignore)``: the model's version-specific buffers the checkpoint lacks (name -> the checkpoint
+    tensor to fill it from) and the checkpoint's version-specific buffers the model lacks."""
+    buffers = dict(model.named_buffers(remove_duplicate=False))
+    persistent = set(model.state_dict())
+    fill, ignore = {}, set()
+    for n in buffers:
+        head, _, leaf = n.rpartition(".")
+        src = f"{head}.{VERSION_BUFFERS.get(leaf)}"
+        if leaf in VERSION_BUFFERS and n not in names and n not in persistent and src in names:
+            fill[n] = src
+    for n in names:
+        head, _, leaf = n.rpartition(".")
+        if leaf in VERSION_BUFFERS and n not in buffers and f"{head}.{VERSION_BUFFERS[leaf]}" in buffers:
+            ignore.add(n)
+    return fill, ignore
+
+
 def read_tensors(path: Path, model: nn.Module, names: dict) -> None:
     """Fill every parameter and buffer of ``model`` from the checkpoint's weights, one file at a time: every
-    expected tensor present with its shape and dtype, no unknown tensor, every float tensor finite."""
+    expected tensor present with its shape and dtype, no unknown tensor, every float tensor finite
+    (:data:`VERSION_BUFFERS` aside)."""
     expected = dict(model.named_parameters())
     expected.update(dict(model.named_buffers()))
+    fill, ignore = version_buffers(model, names)
+    names = {**{n: v for n, v in names.items() if n not in ignore}, **{n: names[src] for n, src in fill.items()}}
+    source = {n: fill.get(n, n) for n in expected}
     missing = [n for n in expected if n not in names]
     if missing:
         raise DGQError(f"{path}: tensor {missing[0]} is missing from the weights"
@@ -443,7 +471,7 @@ def read_tensors(path: Path, model: nn.Module, names: dict) -> None:
         try:
             with safe_open(path / fname, framework="pt") as f:
                 for name in tensor_names:
-                    target, t = expected[name], f.get_tensor(name)
+                    target, t = expected[name], f.get_tensor(source[name])
                     if t.shape != target.shape or t.dtype != target.dtype:
                         raise DGQError(f"{path}: tensor {name} has shape {tuple(t.shape)} {t.dtype}, expected "
                                        f"{tuple(target.shape)} {target.dtype}")

@@ -37,8 +37,9 @@ that ``dgq.load`` verifies.
 ``dgq.load`` stays the reference loader (``verify=False``, ``cache_weights``, ``device``, exact dtypes, no
 transformers loading machinery); this module loads the same tensors into the same modules, so the logits are bitwise
 equal when the model ``dtype`` is the checkpoint's. A checkpoint holds transformers' rotary tables, which differ
-between 4.57 and 5.x (5.x adds ``original_inv_freq``): neither loader reads a checkpoint written with 5.x under 4.57,
-or the reverse.
+between 4.57 and 5.x (5.x adds ``original_inv_freq``, equal to ``inv_freq`` as built): both loaders fill it from
+``inv_freq`` when a 4.57 checkpoint lacks it and skip it when the model does not have it
+(:data:`dgq.checkpoint.VERSION_BUFFERS`), so checkpoints move between the two versions (tested).
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ from .checkpoint import (
     state_of,
     tensor_index,
     verify_checksums,
+    version_buffers,
     weight_files,
     write_config,
 )
@@ -149,6 +151,7 @@ if HfQuantizer is not None:
             # computes its own, and would list these as unexpected keys
             persistent = set(model.state_dict())
             extra = [rf"^{re.escape(n)}$" for n, _ in model.named_buffers() if n in names and n not in persistent]
+            extra += [rf"^{re.escape(n)}$" for n in version_buffers(model, names)[1]]
             ignored = model._keys_to_ignore_on_load_unexpected  # a set in 5.x, a list (or None) in 4.57
             merged = [*(ignored or ()), *extra]
             model._keys_to_ignore_on_load_unexpected = set(merged) if isinstance(ignored, set) else merged
@@ -211,6 +214,9 @@ def check_tensor_headers(path: Path, model: torch.nn.Module, names: dict) -> Non
         seen.add(id(p))
     expected = {n: t for n, t in model.named_parameters(remove_duplicate=False) if n not in tied}
     expected.update(model.named_buffers(remove_duplicate=False))
+    fill, ignore = version_buffers(model, names)  # transformers computes its own non-persistent buffers
+    expected = {n: t for n, t in expected.items() if n not in fill}
+    names = {n: v for n, v in names.items() if n not in ignore}
     missing = [n for n in expected if n not in names]
     if missing:
         raise DGQError(f"{path}: tensor {missing[0]} is missing from the weights"
