@@ -218,3 +218,31 @@ def test_measured_smoothing_keeps_the_fold_it_measured_better(monkeypatch, metho
     assert queue == []
     got, want = m.state_dict(), ref.state_dict()
     assert save({k: v.contiguous() for k, v in got.items()}) == save({k: v.contiguous() for k, v in want.items()})
+
+
+def test_activations_beyond_the_budget_are_memory_mapped_with_the_same_result(tmp_path, monkeypatch):
+    """act_budget: activations larger than the budget live in memory-mapped files (unlinked at once: nothing is
+    left in act_dir); the quantized model is bitwise the in-memory one. Bad budgets and a missing folder are
+    refused."""
+    import dgq.calib as calib_mod
+
+    base = make_tiny("llama")
+    ids = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(2))
+    cfg = DGQConfig(method="dgq", group_size=32, grid1=4, grid2=4)
+    ram, disk = copy.deepcopy(base), copy.deepcopy(base)
+    dgq.quantize(ram, cfg, calib=ids, progress=False)
+    mapped = []
+    real_from_file = torch.from_file
+    monkeypatch.setattr(calib_mod.torch, "from_file", lambda *a, **k: mapped.append(a[0]) or real_from_file(*a, **k))
+    dgq.quantize(disk, cfg, calib=ids, progress=False, act_budget=1e-6, act_dir=tmp_path)  # block inputs, then
+    # per block its float and quantized outputs: all memory-mapped (1 kB budget)
+    assert len(mapped) >= 1 + 2 * 2 and all(str(p).startswith(str(tmp_path)) for p in mapped)
+    assert list(tmp_path.iterdir()) == []
+    a, b = ram.state_dict(), disk.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    for bad, msg in [(0, "positive"), (-1.0, "positive")]:
+        with pytest.raises(DGQError, match=msg):
+            dgq.quantize(copy.deepcopy(base), cfg, calib=ids, progress=False, act_budget=bad)
+    with pytest.raises(DGQError, match="does not exist"):
+        dgq.quantize(copy.deepcopy(base), cfg, calib=ids, progress=False, act_budget=1e-6,
+                     act_dir=tmp_path / "missing")

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from . import kernels, kvcache, methods
 from .arch import arch_for_config, quantizable_linears, set_submodule
-from .calib import calibrate, make_layers, static_act_stats
+from .calib import ActivationStore, calibrate, make_layers, static_act_stats
 from .checkpoint import build_quantization_config
 from .config import DGQConfig
 from .errors import DGQError, check_finite
@@ -116,10 +116,19 @@ def kv_entry(model_config, config: DGQConfig, observer) -> dict:
     return {"kv_cache": entry}
 
 
+def activation_store(act_budget: float | None, act_dir=None) -> ActivationStore:
+    """The calibration activations' store for a budget in GB (None: always in memory)."""
+    if act_budget is not None and not act_budget > 0:
+        raise DGQError(f"--act-budget must be a positive number of GB, got {act_budget}")
+    return ActivationStore(None if act_budget is None else int(act_budget * 1e9), act_dir)
+
+
 def quantize(model: nn.Module, config: DGQConfig | None = None, calib: torch.Tensor | None = None,
-             progress: bool = True) -> nn.Module:
+             progress: bool = True, act_budget: float | None = None, act_dir=None) -> nn.Module:
     """Quantize ``model`` in place and return it. ``calib`` ([n, seqlen] token ids) is needed by every method but
-    ``rtn`` and by static activation scales."""
+    ``rtn`` and by static activation scales. ``act_budget`` (GB): when the calibration activations (three tensors
+    of windows x seqlen x hidden) exceed it, they are memory-mapped from temporary files under ``act_dir``
+    (default: the system's temporary folder); the result is the same."""
     config = methods.resolve(config or DGQConfig())
     method = methods.get(config.method)
     auto = config.group_size is None
@@ -129,7 +138,7 @@ def quantize(model: nn.Module, config: DGQConfig | None = None, calib: torch.Ten
     calibration = None
     if method.calibrated:
         calibration = calibrate(model, arch_for_config(model.config), targets, calib, config, method,
-                                progress=progress, kv_observer=observer)
+                                progress=progress, kv_observer=observer, store=activation_store(act_budget, act_dir))
     else:
         stats = static_act_stats(model, calib, list(targets), progress) if config.act_mode == "static" else {}
         for name, t in tqdm(targets.items(), desc="quantize", disable=not progress, leave=False):

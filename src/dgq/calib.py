@@ -14,9 +14,15 @@ pass produces the next block's inputs. Each linear's relative output error is lo
 from __future__ import annotations
 
 import copy
+import logging
+import math
+import os
+import shutil
+import tempfile
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -30,9 +36,61 @@ from .quant import smooth as sm
 from .quant.rtn import rtn_quantize
 from .quant.search import hessian
 
+log = logging.getLogger("dgq")
+
 
 class _Stop(Exception):
     pass
+
+
+class ActivationStore:
+    """Where the calibration activations live (the block inputs, float outputs and quantized outputs: three tensors
+    of windows x seqlen x hidden): CPU memory, or — when the three would exceed ``budget_bytes`` — memory-mapped
+    files in a temporary folder under ``folder``, which the OS pages in and out (the files are unlinked as soon as
+    they are mapped, so nothing is left on disk, even after a crash). Values are the same either way."""
+
+    def __init__(self, budget_bytes: int | None = None, folder=None):
+        if budget_bytes is not None and budget_bytes <= 0:
+            raise DGQError(f"the activation budget must be positive, got {budget_bytes} bytes")
+        self.budget, self.folder, self.spill, self._n = budget_bytes, folder, False, 0
+
+    def plan(self, windows: int, seqlen: int, hidden: int, dtype=torch.float32) -> None:
+        """Decide from the activations' size (three tensors) whether they go to disk; checks the disk has room."""
+        need = 3 * windows * seqlen * hidden * torch.empty((), dtype=dtype).element_size()
+        self.spill = self.budget is not None and need > self.budget
+        if self.spill:
+            base = Path(self.folder or tempfile.gettempdir())
+            if not base.is_dir():
+                raise DGQError(f"activation folder {base} does not exist")
+            free = shutil.disk_usage(base).free
+            if free < need:
+                raise DGQError(f"the calibration activations need {need / 1e9:.2f} GB on disk beyond the budget of "
+                               f"{self.budget / 1e9:.2f} GB, and {base} has {free / 1e9:.2f} GB free")
+            log.info("dgq: calibration activations (%.2f GB) exceed the budget (%.2f GB): memory-mapped under %s",
+                     need / 1e9, self.budget / 1e9, base)
+
+    def empty(self, shape, dtype) -> torch.Tensor:
+        if not self.spill:
+            return torch.empty(shape, dtype=dtype)
+        numel = math.prod(shape)
+        fd, path = tempfile.mkstemp(prefix=f"dgq-act-{os.getpid()}-{self._n}-", dir=self.folder)
+        self._n += 1
+        try:
+            os.close(fd)
+            t = torch.from_file(path, shared=True, size=numel, dtype=dtype)
+        finally:
+            os.unlink(path)  # the mapping keeps the data; the file's space is freed when the tensor is
+        return t.view(shape)
+
+
+def _gather(chunks, n: int, store: ActivationStore | None) -> torch.Tensor:
+    """Per-window ``[1, L, d]`` tensors (an iterator) written into one ``[n, L, d]`` tensor from ``store``."""
+    out = None
+    for i, c in enumerate(chunks):
+        if out is None:
+            out = (store or ActivationStore()).empty((n, *c.shape[1:]), c.dtype)
+        out[i] = c[0]
+    return out
 
 
 @dataclass
@@ -128,7 +186,8 @@ def _pass_through(blocks: list[nn.Module], like: nn.Module):
 
 
 @torch.no_grad()
-def capture_block_inputs(model: nn.Module, arch: Arch, calib: torch.Tensor, device=None, loaded: int | None = None):
+def capture_block_inputs(model: nn.Module, arch: Arch, calib: torch.Tensor, device=None, loaded: int | None = None,
+                         store: ActivationStore | None = None):
     """Inputs of block 0 for every window ([n, L, d] on the CPU) and each block's keyword arguments.
 
     Keyword arguments (masks, rotary tables) depend only on the window length, so they are taken from the first
@@ -173,19 +232,24 @@ def capture_block_inputs(model: nn.Module, arch: Arch, calib: torch.Tensor, devi
         kw["use_cache"] = False
         for key in ("past_key_values", "past_key_value", "cache"):
             kw.pop(key, None)
-    return torch.cat(hidden), kwargs_per_block
+    if store is not None and hidden:
+        store.plan(len(hidden), hidden[0].shape[1], hidden[0].shape[2], hidden[0].dtype)
+    return _gather(hidden, len(hidden), store), kwargs_per_block
 
 
-def run_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict, device, kv_observer=None) -> torch.Tensor:
-    """The block's outputs for every window (one window at a time), on the CPU. ``kv_observer``
+def run_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict, device, kv_observer=None,
+              store: ActivationStore | None = None) -> torch.Tensor:
+    """The block's outputs for every window (one window at a time), on the CPU (in ``store``). ``kv_observer``
     (:class:`dgq.kvcache.KVObserver`): records the absmax of the keys and values the block's attention caches."""
     if kv_observer is not None:
         kwargs = {**kwargs, cache_kwarg(block): kv_observer}
-    outs = []
-    for h in hidden:
-        o = block(h[None].to(device), **kwargs)
-        outs.append((o[0] if isinstance(o, tuple) else o).detach().cpu())
-    return torch.cat(outs)
+
+    def outs():
+        for h in hidden:
+            o = block(h[None].to(device), **kwargs)
+            yield (o[0] if isinstance(o, tuple) else o).detach().cpu()
+
+    return _gather(outs(), len(hidden), store)
 
 
 @contextmanager
@@ -216,8 +280,8 @@ def input_rows(x: torch.Tensor, where: str) -> torch.Tensor:
 
 @torch.no_grad()
 def collect_stats(block: nn.Module, names: list[str], hidden: torch.Tensor, kwargs: dict, tokens_per_window: int,
-                  seed: int, block_index: int, device, full_hessian: bool = False, token_hessian: bool = False
-                  ) -> tuple[dict[str, LinearStats], torch.Tensor]:
+                  seed: int, block_index: int, device, full_hessian: bool = False, token_hessian: bool = False,
+                  store: ActivationStore | None = None) -> tuple[dict[str, LinearStats], torch.Tensor]:
     """Float pass over the block: per-linear input statistics (with ``full_hessian``, also ``Σ xᵀx`` over every
     token, in float64), and the block's float outputs."""
     stats = {n: LinearStats() for n in names}
@@ -239,14 +303,15 @@ def collect_stats(block: nn.Module, names: list[str], hidden: torch.Tensor, kwar
         if full_hessian:
             stats[name].add_full(x, token=token_hessian)
 
-    outs = []
-    with watch_inputs(block, names, on_input):
+    def outs():
         for h in hidden:
             idx_holder["idx"] = torch.randperm(seqlen, generator=gen)[:tokens_per_window].sort().values
             seen.clear()
             o = block(h[None].to(device), **kwargs)
-            outs.append((o[0] if isinstance(o, tuple) else o).detach().cpu())
-    out = torch.cat(outs)
+            yield (o[0] if isinstance(o, tuple) else o).detach().cpu()
+
+    with watch_inputs(block, names, on_input):
+        out = _gather(outs(), len(hidden), store)
     if not torch.isfinite(out).all():
         raise DGQError(f"NaN/Inf in the outputs of block {block_index} during calibration")
     return stats, out
@@ -424,7 +489,7 @@ def _install(block: nn.Module, made: dict[str, Made], j: int) -> dict:
 @torch.no_grad()
 def quantize_block(block: nn.Module, index: int, prefix: str, targets: dict, stats: dict, hidden: torch.Tensor,
                    fp_out: torch.Tensor, kwargs: dict, device, config, method,
-                   premade: dict | None = None) -> tuple[torch.Tensor, dict]:
+                   premade: dict | None = None, store: ActivationStore | None = None) -> tuple[torch.Tensor, dict]:
     """Steps 3-4 of a block: the method makes each linear's candidates (or takes them from ``premade``, made for
     these very weights and statistics while smoothing); every candidate index is run on the calibration windows
     and the block keeps the one with the lowest mean per-token relative output error. Returns the quantized
@@ -445,7 +510,7 @@ def quantize_block(block: nn.Module, index: int, prefix: str, targets: dict, sta
     errors, best = [], None
     for j in range(n_cand):
         chosen = _install(block, made, j)
-        q_out = run_block(block, hidden, kwargs, device)
+        q_out = run_block(block, hidden, kwargs, device, store=store)
         if not torch.isfinite(q_out).all():
             raise DGQError(f"NaN/Inf in the outputs of quantized block {index}")
         err = token_relative_error(q_out, fp_out)
@@ -466,7 +531,8 @@ def quantize_block(block: nn.Module, index: int, prefix: str, targets: dict, sta
 
 
 def calibrate(model: nn.Module, arch: Arch, targets: dict, calib: torch.Tensor, config, method,
-              quantize: bool = True, progress: bool = True, blocks_io=None, device=None, kv_observer=None) -> dict:
+              quantize: bool = True, progress: bool = True, blocks_io=None, device=None, kv_observer=None,
+              store: ActivationStore | None = None) -> dict:
     """Block-by-block calibration with ``method`` (a :class:`dgq.methods.Method`) on the resolved ``config``;
     ``targets``: full linear name -> :class:`dgq.api.Target`. With ``quantize=False`` only the smoothing folds are
     applied (the float model is folded and nothing is quantized).
@@ -481,13 +547,16 @@ def calibrate(model: nn.Module, arch: Arch, targets: dict, calib: torch.Tensor, 
 
     ``kv_observer`` (static KV scales, :class:`dgq.kvcache.KVObserver`): each finished block is run once more on
     its inputs to record the keys and values its attention caches (the quantized model's, as served).
+
+    ``store`` (:class:`ActivationStore`): where the activations live (memory-mapped files beyond a budget).
     """
     blocks = get_blocks(model, arch)
     device = device if device is not None else next(model.parameters()).device
     t0 = time.perf_counter()
     if blocks_io is not None:
         blocks_io.load(0)
-    hidden, kwargs = capture_block_inputs(model, arch, calib, device, loaded=1 if blocks_io is not None else None)
+    hidden, kwargs = capture_block_inputs(model, arch, calib, device, loaded=1 if blocks_io is not None else None,
+                                          store=store)
     tokens_per_window = max(1, config.search_tokens // max(1, hidden.shape[0]))
     log = {"capture_seconds": round(time.perf_counter() - t0, 2), "blocks": []}
     bar = tqdm(range(len(blocks)), desc="calibrate", disable=not progress)
@@ -500,7 +569,7 @@ def calibrate(model: nn.Module, arch: Arch, targets: dict, calib: torch.Tensor, 
         names = [n[len(prefix):] for n in targets if n.startswith(prefix)]
         stats, fp_out = collect_stats(block, names, hidden, kwargs[i], tokens_per_window, config.seed, i, device,
                                       full_hessian=method.full_hessian,
-                                      token_hessian=method.wants_token_hessian(config))
+                                      token_hessian=method.wants_token_hessian(config), store=store)
         entry = {"block": i, "smoothed": {}, "linears": {}}
         premade: dict = {}
         if config.smooth:
@@ -508,11 +577,11 @@ def calibrate(model: nn.Module, arch: Arch, targets: dict, calib: torch.Tensor, 
         h_in = hidden
         if quantize:
             hidden, q_entry = quantize_block(block, i, prefix, targets, stats, hidden, fp_out, kwargs[i], device,
-                                             config, method, premade)
+                                             config, method, premade, store)
             entry.update(q_entry)
             bar.set_postfix(err=entry["block_output_rel_error"])
         else:
-            hidden = fp_out if not entry["smoothed"] else run_block(block, hidden, kwargs[i], device)
+            hidden = fp_out if not entry["smoothed"] else run_block(block, hidden, kwargs[i], device, store=store)
         if kv_observer is not None:
             run_block(block, h_in, kwargs[i], device, kv_observer)
         del stats, fp_out, h_in

@@ -164,6 +164,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--force", action="store_true", help="replace --out if it exists")
     _add_calib(q)
     q.add_argument("--seqlen", dest="calib_seqlen", type=SEQLEN, help=argparse.SUPPRESS)  # old --calib-seqlen
+    q.add_argument("--act-budget", type=float, default=None, metavar="GB",
+                   help="keep the calibration activations (3 x nsamples x calib-seqlen x hidden x 4 bytes) in memory "
+                        "up to GB; beyond it they are memory-mapped from temporary files in --act-dir (same result)")
+    q.add_argument("--act-dir", default=None, help="folder for activations beyond --act-budget (default: the "
+                                                   "system's temporary folder)")
     q.add_argument("--no-smooth", action="store_true", help="dgq: skip percentile-clipping smoothing")
     q.add_argument("--smooth", action="store_true", help="dgq: force smoothing on (the default for --act static)")
     q.add_argument("--no-search", action="store_true", help="dgq: data-free scales instead of the grid search")
@@ -267,7 +272,7 @@ def cmd_quantize(a) -> None:
     if Path(a.model).expanduser().is_file():  # a GGUF is dequantized whole: quantized in memory
         model, tok = load_model(a.model, dtype=a.dtype, device=a.device)
         calib = calibration_windows(a.calib, tok, a.nsamples, a.calib_seqlen, a.seed) if wants_calib else None
-        quantize(model, cfg, calib=calib)
+        quantize(model, cfg, calib=calib, act_budget=a.act_budget, act_dir=a.act_dir)
         save(model, out, tokenizer=tok, overwrite=a.force, max_shard_size=a.max_shard_size)
         qcfg = model.dgq_config
     else:  # block by block from disk: one decoder block in memory at a time
@@ -276,7 +281,8 @@ def cmd_quantize(a) -> None:
         tok = load_tokenizer(folder)
         calib = calibration_windows(a.calib, tok, a.nsamples, a.calib_seqlen, a.seed) if wants_calib else None
         qcfg = quantize_to(str(folder), out, cfg, calib=calib, device=a.device, dtype=a.dtype,
-                           max_shard_size=a.max_shard_size, overwrite=a.force)
+                           max_shard_size=a.max_shard_size, overwrite=a.force, act_budget=a.act_budget,
+                           act_dir=a.act_dir)
     if qcfg.get("group_size_auto") and qcfg["format"] != "w8a8":
         print(f"group size {qcfg['group_size']} (chosen: 128 if it divides every quantized layer, else 64, else "
               f"the largest size below 128 that does; --group-size sets it)")

@@ -8,7 +8,8 @@ Peak host memory (the CPU case; on a GPU the block and the activations live on t
     first; lm_head and the final norm are released before calibrating, the embeddings after capturing)
   + one block in the chosen dtype, plus the quantizer's float32 temporaries for its largest linear (a few copies)
   + the calibration activations: windows x seqlen x hidden x 4 bytes, about three copies (the block's inputs, its
-    float outputs and its quantized outputs; dgq methods only) and the sampled statistics
+    float outputs and its quantized outputs; dgq methods only; memory-mapped from disk beyond ``act_budget``) and
+    the sampled statistics
   + the output shard being assembled (at most ``max_shard_size``)
   + the Python/torch baseline (~0.5 GB).
 ``benchmarks/big_model.py`` measures it on a Llama-2-7B-shaped model. Blocks are processed in order, so with the
@@ -34,7 +35,7 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from . import kernels, methods
-from .api import check_calibration, kv_check, kv_entry, plan
+from .api import activation_store, check_calibration, kv_check, kv_entry, plan
 from .arch import arch_for_config, get_blocks, set_submodule
 from .calib import calibrate, capture_block_inputs, collect_stats, make_layers, run_block
 from .checkpoint import DGQError, module_entry, quantization_config_of, state_of, writing
@@ -196,15 +197,18 @@ def skeleton(source: FolderSource, dtype: torch.dtype, device: torch.device) -> 
 
 def quantize_to(model_ref: str, out, config: DGQConfig | None = None, calib: torch.Tensor | None = None,
                 device="cpu", dtype="auto", max_shard_size=DEFAULT_STREAM_SHARD, overwrite: bool = False,
-                progress: bool = True) -> dict:
+                progress: bool = True, act_budget: float | None = None, act_dir=None) -> dict:
     """Quantize the Hugging Face folder (or alias) ``model_ref`` block by block into the checkpoint ``out``,
-    holding one decoder block at a time (see the module docstring). Returns the written quantization_config."""
+    holding one decoder block at a time (see the module docstring). Returns the written quantization_config.
+    ``act_budget`` / ``act_dir``: as for :func:`dgq.quantize` (calibration activations memory-mapped from disk
+    beyond a budget in GB)."""
     dev = resolve_device(device)
     source = FolderSource(model_folder(model_ref))
     dt = resolve_dtype(dtype, source.config_dtype)
     config = methods.resolve(config or DGQConfig())
     method = methods.get(config.method)
     auto = config.group_size is None
+    store = activation_store(act_budget, act_dir)
     model = skeleton(source, dt, dev)
     config, targets = plan(model, config)
     check_calibration(method, config, calib)
@@ -221,7 +225,7 @@ def quantize_to(model_ref: str, out, config: DGQConfig | None = None, calib: tor
         calibration = None
         if method.calibrated:
             calibration = calibrate(model, arch, targets, calib, config, method, progress=progress, blocks_io=io,
-                                    device=dev, kv_observer=observer)
+                                    device=dev, kv_observer=observer, store=store)
         else:
             _data_free(model, arch, targets, calib, config, method, io, dev, progress, observer)
         qcfg = quantization_config_of(config, io.modules)
