@@ -187,11 +187,14 @@ def test_measured_smoothing_keeps_the_fold_it_measured_better(monkeypatch, metho
     made_calls = []
     real_make = calib_mod.make_layers
     monkeypatch.setattr(calib_mod, "make_layers", lambda *a, **k: made_calls.append(a[2]) or real_make(*a, **k))
-    dgq.quantize(m, DGQConfig(method=method, group_size=32, act=act, smooth="measured"), calib=ids, progress=False)
+    cheap = {"grid1": 4, "grid2": 4, "refine": 0, "search_tokens": 64}  # the decisions, not the search, are tested
+    dgq.quantize(m, DGQConfig(method=method, group_size=32, act=act, smooth="measured", **cheap), calib=ids,
+                 progress=False)
     log = m.dgq_config["calibration"]["blocks"]
     decisions = [(b["block"], src, d["kept"]) for b in log for src, d in b["selective"].items()]
     assert len(decisions) == 2 * 3  # norm->qkv, norm->mlp, up->down in both blocks
-    assert {kept for *_, kept in decisions} == {True, False}  # this model has both kinds of decision
+    if (method, act) == ("dgq", "dynamic"):  # both kinds of decision occur here: both paths are exercised
+        assert {kept for *_, kept in decisions} == {True, False}
     for b in log:
         for d in b["selective"].values():
             assert d["kept"] == (d["error_on"] < d["error_off"]) and d["error_on"] > 0 and d["error_off"] > 0
@@ -214,7 +217,8 @@ def test_measured_smoothing_keeps_the_fold_it_measured_better(monkeypatch, metho
 
     monkeypatch.setattr(type(meth), "smoothing", forced)
     ref = copy.deepcopy(base)
-    dgq.quantize(ref, DGQConfig(method=method, group_size=32, act=act, smooth=True), calib=ids, progress=False)
+    dgq.quantize(ref, DGQConfig(method=method, group_size=32, act=act, smooth=True, **cheap), calib=ids,
+                 progress=False)
     assert queue == []
     got, want = m.state_dict(), ref.state_dict()
     assert save({k: v.contiguous() for k, v in got.items()}) == save({k: v.contiguous() for k, v in want.items()})
