@@ -47,6 +47,7 @@ WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 FORMAT_VERSION = 2  # of the checkpoint layout and its quantization_config; load reads 1 (no checksums) and 2
 DEFAULT_MAX_SHARD = 5 * 10**9  # bytes per shard (transformers' default "5GB")
+DEFAULT_STREAM_SHARD = "500MB"  # writing while reading: the shard being assembled is held in memory, keep it small
 # A config.json key only transformers reads (the weights file to load) holding a name it refuses: plain transformers
 # stops with this message instead of loading a model with random quantized layers; dgq's quantizer (dgq.hf) removes
 # it before transformers looks for the weights, and dgq.load never reads it.
