@@ -10,17 +10,21 @@ loader gives in float32 and ``save_pretrained`` writes:
   ``architectures`` as ``save_pretrained`` sets them; the tokenizer (with its chat template) from
   ``AutoTokenizer.from_pretrained(gguf_file=...)``;
 - the names from ``get_gguf_hf_weights_map`` on a skeleton of the model on the ``meta`` device (no memory);
-- each tensor read from the memory-mapped file (``gguf.GGUFReader``), dequantized by ``gguf.quants.dequantize``,
-  passed through the architecture's tensor processor (``TENSOR_PROCESSORS``: for llama, the reverse of llama.cpp's
-  q/k row permutation), cast to float32 and handed to the writer;
+- the tensor table from ``gguf.GGUFReader`` (which is then let go: it holds every metadata value, ~0.5 GB for
+  a 151k-word vocabulary); each tensor's bytes read from the file when its turn comes, dequantized by
+  ``gguf.quants.dequantize`` (in chunks of rows: bounded temporaries, the same values), passed through the
+  architecture's tensor processor (``TENSOR_PROCESSORS``: for llama, the reverse of llama.cpp's q/k row
+  permutation), cast to float32 and handed to the writer;
 - tied embeddings as transformers ties them: a GGUF without ``output.weight`` gives ``tie_word_embeddings`` and no
   ``lm_head.weight`` in the files.
 
 The folder is written by :class:`dgq.checkpoint.CheckpointWriter` in shards of at most ``max_shard_size``
 (``model-0000i-of-0000n.safetensors`` + ``model.safetensors.index.json``, or one ``model.safetensors``) into a
-temporary folder renamed into place when complete (:func:`dgq.fsutil.atomic_folder`). Peak host memory: the shard
-being assembled + the largest tensor in float32 a few times over (dequantized, permuted, cast) + the tokenizer and
-the Python/torch/transformers baseline. The float32 folder takes about 4 bytes per weight on disk (a 4-bit GGUF
+temporary folder renamed into place when complete (:func:`dgq.fsutil.atomic_folder`); a shard is written before a
+tensor it has no room for is read. Peak host memory: the larger of the shard being assembled and the largest tensor
+in float32 (twice for llama's permuted q/k) + the tokenizer + the Python/torch/transformers baseline, or, while the
+metadata is parsed (transformers' loader and gguf's reader each parse all of it), about 1 GB more than the baseline
+for a 151k-word vocabulary. The float32 folder takes about 4 bytes per weight on disk (a 4-bit GGUF
 grows ~7x); the free disk is checked first.
 
 Refused with one line, with nothing left at the target: a file that is not a GGUF (:func:`check_gguf_header`), a
@@ -33,6 +37,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -59,25 +64,45 @@ def check_gguf_header(path: Path) -> None:
                        f"parts, they were joined in the wrong order or one is missing")
 
 
-def read_gguf(path: Path):
-    """The file's ``gguf.GGUFReader`` (memory-mapped: no tensor data is read), or a one-line error."""
+CHUNK_ELEMENTS = 1 << 24  # weights dequantized at once (64 MB of float32): bounds gguf's temporaries
+
+
+class TensorInfo(NamedTuple):
+    """One tensor of the file: where its bytes are and how the reader would see them."""
+
+    name: str
+    qtype: object  # gguf.GGMLQuantizationType
+    offset: int  # from the start of the file
+    nbytes: int
+    dtype: np.dtype  # of the reader's view of the bytes (uint8 for blocks)
+    shape: tuple[int, ...]  # of the reader's view (rows of blocks for block types)
+    n_elements: int
+
+
+def read_gguf(path: Path) -> tuple[list[TensorInfo], str]:
+    """The tensor table and the architecture of the GGUF file ``path``, from ``gguf.GGUFReader`` (no tensor data is
+    read; the reader, which holds every metadata value, vocabulary included, is let go), or a one-line error."""
     import gguf
 
     check_gguf_header(path)
     try:
-        return gguf.GGUFReader(path)
+        reader = gguf.GGUFReader(path)
+        infos = [TensorInfo(t.name, t.tensor_type, t.data_offset, t.n_bytes, t.data.dtype, tuple(t.data.shape),
+                            int(t.n_elements)) for t in reader.tensors]
+        architecture = reader.fields["general.architecture"].contents()
     except Exception as e:  # noqa: BLE001 - the reader fails with struct.error, ValueError, ... on bad files
         raise DGQError(f"cannot load GGUF {path} (truncated or corrupt?): {type(e).__name__}: {_first_line(e)}") \
             from None
+    return infos, architecture
 
 
-def check_tensor_types(path: Path, reader) -> None:
+def check_tensor_types(path: Path, infos: list[TensorInfo]) -> None:
     """Every tensor's type is one ``gguf.quants.dequantize`` handles (probed on one zero block of the type)."""
     import gguf
 
     seen = {}
-    for t in reader.tensors:
-        qtype = t.tensor_type
+    for t in infos:
+        qtype = t.qtype
         if qtype not in seen:
             block, nbytes = gguf.GGML_QUANT_SIZES[qtype]
             try:
@@ -87,6 +112,32 @@ def check_tensor_types(path: Path, reader) -> None:
                 seen[qtype] = False
         if not seen[qtype]:
             raise DGQError(f"GGUF {path}: tensor {t.name} is of type {qtype.name}, which gguf cannot dequantize")
+
+
+def dequantize(f, path: Path, t: TensorInfo) -> np.ndarray:
+    """Tensor ``t`` read from the open file ``f`` and dequantized by ``gguf.quants.dequantize``, in chunks of whole
+    rows (blocks never straddle rows) of about :data:`CHUNK_ELEMENTS` weights into one float32 array: the same
+    values as dequantizing it at once, with bounded temporaries."""
+    import gguf
+
+    raw = np.empty(t.nbytes, dtype=np.uint8)
+    f.seek(t.offset)
+    if f.readinto(raw) != t.nbytes:
+        raise DGQError(f"GGUF {path}: tensor {t.name} ends past the end of the file (truncated or corrupt?)")
+    raw = raw.view(t.dtype).reshape(t.shape)
+    try:
+        if raw.ndim < 2 or t.n_elements <= CHUNK_ELEMENTS:
+            return gguf.quants.dequantize(raw, t.qtype)
+        rows = raw.reshape(-1, raw.shape[-1])
+        cols = t.n_elements // rows.shape[0]
+        out = np.empty((rows.shape[0], cols), dtype=np.float32)
+        step = max(1, CHUNK_ELEMENTS // cols)
+        for i in range(0, rows.shape[0], step):
+            out[i:i + step] = gguf.quants.dequantize(rows[i:i + step], t.qtype).reshape(-1, cols)
+    except Exception as e:  # noqa: BLE001 - bad sizes and the like
+        raise DGQError(f"GGUF {path}: cannot dequantize tensor {t.name} (corrupt?): {type(e).__name__}: "
+                       f"{_first_line(e)}") from None
+    return out.reshape(*raw.shape[:-1], cols)
 
 
 def _config_of(path: Path, parsed: dict):
@@ -124,8 +175,8 @@ class GGUFSource:
         )
 
         self.path = Path(path)
-        self.reader = read_gguf(self.path)
-        check_tensor_types(self.path, self.reader)
+        self.infos, architecture = read_gguf(self.path)
+        check_tensor_types(self.path, self.infos)
         try:  # the metadata as transformers' loader parses it (no tensor data is read)
             parsed = load_gguf_checkpoint(str(self.path), return_tensors=False)
         except Exception as e:  # noqa: BLE001 - unsupported architectures, missing keys... surface as many types
@@ -133,7 +184,6 @@ class GGUFSource:
         self.parsed = {"config": parsed["config"]}  # not the vocabulary: the tokenizer is read on its own
         self.config = _config_of(self.path, self.parsed)
         arch_for_config(self.config)  # architectures dgq does not quantize: refused before any work
-        architecture = self.reader.fields["general.architecture"].contents()
         self.processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=self.parsed["config"])
         with torch.device("meta"):
             self.model = AutoModelForCausalLM.from_config(self.config, dtype=torch.float32)
@@ -144,37 +194,35 @@ class GGUFSource:
 
     def float32_bytes(self) -> int:
         """Bytes of the folder's weights (float32)."""
-        return sum(4 * int(np.prod(t.shape)) for t in self.reader.tensors if t.name in self.names)
+        return sum(4 * t.n_elements for t in self.infos if t.name in self.names)
 
-    def tensors(self, progress: bool | None = None):
-        """``(hf_name, float32 tensor)`` in the file's order, one at a time; checks that they cover the model."""
-        import gguf
-
+    def tensors(self, progress: bool | None = None, before=None):
+        """``(hf_name, float32 tensor)`` in the file's order, one at a time; checks that they cover the model.
+        ``before(nbytes)`` is called before each tensor is read (with its float32 size)."""
         written = set()
         parsed = {**self.parsed, "tensors": {}}  # where a processor that merges tensors (MoE) would put them
-        for t in tqdm(self.reader.tensors, desc="GGUF -> folder", disable=None if progress is None else not progress):
-            try:
-                w = gguf.quants.dequantize(t.data, t.tensor_type)
-            except Exception as e:  # noqa: BLE001 - a short data region and the like
-                raise DGQError(f"GGUF {self.path}: cannot dequantize tensor {t.name} (truncated or corrupt?): "
-                               f"{type(e).__name__}: {_first_line(e)}") from None
-            result = self.processor.process(weights=w, name=t.name, tensor_key_mapping=self.names,
-                                            parsed_parameters=parsed)
-            if result.name is None or parsed["tensors"]:
-                raise DGQError(f"GGUF {self.path}: tensor {t.name} is merged with others by transformers' loader "
-                               f"(experts); only the whole model in memory can convert it")
-            if result.name not in self.names:
-                continue  # as transformers: tensors the model has no place for (e.g. rope_freqs) are skipped
-            name = self.names[result.name]
-            if name not in self.expected or name in written:
-                raise DGQError(f"GGUF {self.path}: tensor {t.name} maps to {name}, which the model "
-                               + ("ties to another tensor" if name not in self.expected else "already has"))
-            arr = result.weights
-            if not (arr.flags.writeable and arr.flags.c_contiguous):
-                arr = np.copy(arr)  # a view of the read-only file
-            written.add(name)
-            yield name, torch.from_numpy(arr).to(torch.float32)
-            del w, result, arr  # before the next tensor is dequantized
+        with open(self.path, "rb") as f:
+            for t in tqdm(self.infos, desc="GGUF -> folder", disable=None if progress is None else not progress):
+                if before is not None:
+                    before(4 * t.n_elements)
+                w = dequantize(f, self.path, t)
+                result = self.processor.process(weights=w, name=t.name, tensor_key_mapping=self.names,
+                                                parsed_parameters=parsed)
+                if result.name is None or parsed["tensors"]:
+                    raise DGQError(f"GGUF {self.path}: tensor {t.name} is merged with others by transformers' "
+                                   f"loader (experts); only the whole model in memory can convert it")
+                if result.name not in self.names:
+                    continue  # as transformers: tensors the model has no place for (e.g. rope_freqs) are skipped
+                name = self.names[result.name]
+                if name not in self.expected or name in written:
+                    raise DGQError(f"GGUF {self.path}: tensor {t.name} maps to {name}, which the model "
+                                   + ("ties to another tensor" if name not in self.expected else "already has"))
+                arr = result.weights
+                if not (arr.flags.writeable and arr.flags.c_contiguous):
+                    arr = np.copy(arr)
+                written.add(name)
+                yield name, torch.from_numpy(arr).to(torch.float32)
+                del w, result, arr  # before the next tensor is read
         missing = sorted(self.expected - written)
         if missing:
             raise DGQError(f"GGUF {self.path}: no tensor for {missing[0]}"
@@ -185,7 +233,12 @@ class GGUFSource:
         """Write the Hugging Face folder into the existing, empty ``folder`` (see the module docstring)."""
         tok = _load_tokenizer(self.path)
         writer = CheckpointWriter(folder, max_shard_size)
-        for name, t in self.tensors(progress):
+
+        def before(nbytes: int) -> None:  # write the shard before reading a tensor it has no room for
+            if writer.pending and writer.pending_bytes + nbytes > writer.max_bytes:
+                writer.flush()
+
+        for name, t in self.tensors(progress, before):
             writer.add({name: t})
             del t
         writer.finish_weights()
