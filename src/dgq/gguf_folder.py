@@ -10,11 +10,11 @@ loader gives in float32 and ``save_pretrained`` writes:
   ``architectures`` as ``save_pretrained`` sets them; the tokenizer (with its chat template) from
   ``AutoTokenizer.from_pretrained(gguf_file=...)``;
 - the names from ``get_gguf_hf_weights_map`` on a skeleton of the model on the ``meta`` device (no memory);
-- the tensor table from ``gguf.GGUFReader`` (which is then let go: it holds every metadata value, ~0.5 GB for
-  a 151k-word vocabulary); each tensor's bytes read from the file when its turn comes, dequantized by
-  ``gguf.quants.dequantize`` (in chunks of rows: bounded temporaries, the same values), passed through the
-  architecture's tensor processor (``TENSOR_PROCESSORS``: for llama, the reverse of llama.cpp's q/k row
-  permutation), cast to float32 and handed to the writer;
+- the tensor table from ``gguf.GGUFReader`` (which is then let go: it holds every metadata value as Python and
+  numpy objects, the whole vocabulary included); each tensor's bytes read from the file when its turn comes,
+  dequantized by ``gguf.quants.dequantize`` (in chunks of rows: bounded temporaries, the same values), passed
+  through the architecture's tensor processor (``TENSOR_PROCESSORS``: for llama, the reverse of llama.cpp's q/k
+  row permutation), cast to float32 and handed to the writer;
 - tied embeddings as transformers ties them: a GGUF without ``output.weight`` gives ``tie_word_embeddings`` and no
   ``lm_head.weight`` in the files.
 
@@ -23,9 +23,9 @@ The folder is written by :class:`dgq.checkpoint.CheckpointWriter` in shards of a
 temporary folder renamed into place when complete (:func:`dgq.fsutil.atomic_folder`); a shard is written before a
 tensor it has no room for is read. Peak host memory: the larger of the shard being assembled and the largest tensor
 in float32 (twice for llama's permuted q/k) + the tokenizer + the Python/torch/transformers baseline, or, while the
-metadata is parsed (transformers' loader and gguf's reader each parse all of it), about 1 GB more than the baseline
-for a 151k-word vocabulary. The float32 folder takes about 4 bytes per weight on disk (a 4-bit GGUF
-grows ~7x); the free disk is checked first.
+metadata is parsed (gguf's reader and transformers' loader each parse all of it), the parsed vocabulary: most of
+the peak for a small model with a large vocabulary (``benchmarks/gguf_stream.py``). The folder takes 4 bytes per
+weight on disk (32/4.5 ≈ 7 times a 4-bit GGUF); the free disk is checked first.
 
 Refused with one line, with nothing left at the target: a file that is not a GGUF (:func:`check_gguf_header`), a
 truncated or corrupt one, an architecture dgq does not quantize, a tensor type gguf cannot dequantize, a tensor
