@@ -25,7 +25,7 @@ from dgq.cli import main
 from dgq.export.gguf import permute_rows, unpermute_rows
 from dgq.formats import QuantLinear
 from dgq.formats.packing import unpack_uint4
-from tiny import make_tiny
+from tiny import make_tiny, write_tiny_gguf
 
 VOCAB = 258
 CALIB = torch.randint(0, VOCAB, (4, 32), generator=torch.Generator().manual_seed(5))
@@ -43,60 +43,6 @@ CASES = {
 }
 Q4_1_CASES = ["dgq", "dgq-qwen2", "dgq-g64", "w4a16", "ignore"]
 Q8_0_CASES = ["dgq", "dgq-qwen2", "dgq-g16", "w4a16", "w8a8", "ignore"]
-
-
-def _byte_alphabet() -> list[str]:
-    """GPT-2's byte-to-unicode alphabet (the 256 single-byte tokens of a byte-level BPE)."""
-    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    cs, extra = bs[:], 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + extra)
-            extra += 1
-    return [chr(c) for c in cs]
-
-
-def write_tiny_gguf(model, path, arch: str):
-    """``model`` as an F32 GGUF of architecture ``arch`` the way llama.cpp's converter writes it (q/k rows
-    permuted for llama), with the metadata transformers' GGUF loader needs and a byte-level BPE vocabulary."""
-    cfg = model.config
-    w = gguf.GGUFWriter(path, arch)
-    w.add_name(f"tiny-{arch}")
-    w.add_context_length(cfg.max_position_embeddings)
-    w.add_embedding_length(cfg.hidden_size)
-    w.add_block_count(cfg.num_hidden_layers)
-    w.add_feed_forward_length(cfg.intermediate_size)
-    w.add_head_count(cfg.num_attention_heads)
-    w.add_head_count_kv(cfg.num_key_value_heads)
-    w.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
-    w.add_rope_freq_base(float(cfg.rope_parameters["rope_theta"]))
-    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    w.add_vocab_size(cfg.vocab_size)
-    tokens = [*_byte_alphabet(), "Ġt", "Ġth"]
-    assert len(tokens) == cfg.vocab_size
-    w.add_tokenizer_model("gpt2")
-    w.add_token_list(tokens)
-    w.add_token_types([1] * len(tokens))
-    w.add_token_merges(["Ġ t", "Ġt h"])
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
-    tmap = gguf.TensorNameMap(ARCH[arch], cfg.num_hidden_layers)
-    for name, t in model.state_dict().items():
-        if "rotary" in name or (name == "lm_head.weight" and cfg.tie_word_embeddings):
-            continue
-        g = tmap.get_name(name, try_suffixes=(".weight", ".bias"))
-        t = t.float()
-        if arch == "llama" and ".attn_q." in g:
-            t = permute_rows(t, cfg.num_attention_heads)
-        if arch == "llama" and ".attn_k." in g:
-            t = permute_rows(t, cfg.num_key_value_heads)
-        w.add_tensor(g, t.contiguous().numpy())
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -99,10 +99,8 @@ def test_streaming_refuses_what_it_cannot_read(tiny_hf_dir, tmp_path):
 def test_not_enough_disk_is_refused_before_starting(tiny_hf_dir, tmp_path, monkeypatch):
     import shutil as sh
 
-    from dgq import stream
-
     real = sh.disk_usage
-    monkeypatch.setattr(stream.shutil, "disk_usage", lambda p: real(p)._replace(free=1000))
+    monkeypatch.setattr(sh, "disk_usage", lambda p: real(p)._replace(free=1000))
     with pytest.raises(DGQError, match=r"not enough free disk for the output: it needs about 0\.\d+ GB"):
         quantize_to(str(tiny_hf_dir), tmp_path / "o", DGQConfig(group_size=32), progress=False)
     assert not (tmp_path / "o").exists()

@@ -47,6 +47,7 @@ WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 FORMAT_VERSION = 2  # of the checkpoint layout and its quantization_config; load reads 1 (no checksums) and 2
 DEFAULT_MAX_SHARD = 5 * 10**9  # bytes per shard (transformers' default "5GB")
+DEFAULT_STREAM_SHARD = "500MB"  # writing while reading: the shard being assembled is held in memory, keep it small
 # What stops plain transformers (no `import dgq`) from loading a checkpoint with random quantized layers: config.json
 # names this message as the attention implementation, which transformers refuses when it builds the model
 # ("Specified `attn_implementation="dgq checkpoint: ..."` is not supported"). transformers 5.x reads the key

@@ -15,8 +15,8 @@ import transformers
 from transformers import TextStreamer
 
 from . import methods
-from .api import quantize, use_kv_cache
-from .checkpoint import parse_size, save
+from .api import use_kv_cache
+from .checkpoint import parse_size
 from .compare import compare
 from .config import DGQConfig
 from .data import calibration_windows
@@ -269,20 +269,15 @@ def cmd_quantize(a) -> None:
     parse_size(a.max_shard_size)
     t0 = time.perf_counter()
     wants_calib = methods.get(cfg.method).needs_calibration(cfg)
-    if Path(a.model).expanduser().is_file():  # a GGUF is dequantized whole: quantized in memory
-        model, tok = load_model(a.model, dtype=a.dtype, device=a.device)
-        calib = calibration_windows(a.calib, tok, a.nsamples, a.calib_seqlen, a.seed) if wants_calib else None
-        quantize(model, cfg, calib=calib, act_budget=a.act_budget, act_dir=a.act_dir)
-        save(model, out, tokenizer=tok, overwrite=a.force, max_shard_size=a.max_shard_size)
-        qcfg = model.dgq_config
-    else:  # block by block from disk: one decoder block in memory at a time
-        folder = model_folder(a.model)
-        check_model_folder(folder)  # architecture, custom code, weights: refused before the tokenizer is read
-        tok = load_tokenizer(folder)
-        calib = calibration_windows(a.calib, tok, a.nsamples, a.calib_seqlen, a.seed) if wants_calib else None
-        qcfg = quantize_to(str(folder), out, cfg, calib=calib, device=a.device, dtype=a.dtype,
-                           max_shard_size=a.max_shard_size, overwrite=a.force, act_budget=a.act_budget,
-                           act_dir=a.act_dir)
+    # block by block from disk, one decoder block in memory at a time; a GGUF (or an alias) is converted once, one
+    # tensor at a time, into a cached float32 folder
+    folder = model_folder(a.model)
+    check_model_folder(folder)  # architecture, custom code, weights: refused before the tokenizer is read
+    tok = load_tokenizer(folder)
+    calib = calibration_windows(a.calib, tok, a.nsamples, a.calib_seqlen, a.seed) if wants_calib else None
+    qcfg = quantize_to(str(folder), out, cfg, calib=calib, device=a.device, dtype=a.dtype,
+                       max_shard_size=a.max_shard_size, overwrite=a.force, act_budget=a.act_budget,
+                       act_dir=a.act_dir)
     if qcfg.get("group_size_auto") and qcfg["format"] != "w8a8":
         print(f"group size {qcfg['group_size']} (chosen: 128 if it divides every quantized layer, else 64, else "
               f"the largest size below 128 that does; --group-size sets it)")

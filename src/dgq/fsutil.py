@@ -112,6 +112,18 @@ def check_output_dir(path, force: bool = False, what: str = "output") -> Path:
     return out
 
 
+def check_disk(out, need: int, what: str = "the output") -> None:
+    """Refuse to start when the file system of ``out`` (a folder to be written) has less free space than ``need``
+    bytes (+5%)."""
+    base = Path(out).expanduser().absolute()
+    while not base.exists() and base.parent != base:
+        base = base.parent
+    free = shutil.disk_usage(base).free
+    if free < need * 1.05:
+        raise DGQError(f"not enough free disk for {what}: it needs about {need / 1e9:.2f} GB, {base} has "
+                       f"{free / 1e9:.2f} GB free")
+
+
 def check_output_file(path, what: str = "--json") -> Path:
     """A file dgq will write at the end of a run: not a folder, and its folder writable (checked first)."""
     if path is None or not str(path).strip():

