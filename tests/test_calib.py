@@ -137,8 +137,8 @@ def test_candidates_expand_per_call_while_calibrating(monkeypatch):
     seen = []
     orig = calib_mod.run_block
 
-    def run_block(block, hidden, kwargs, device):
-        out = orig(block, hidden, kwargs, device)
+    def run_block(block, hidden, kwargs, device, **kw):
+        out = orig(block, hidden, kwargs, device, **kw)
         layers = [m for m in block.modules() if isinstance(m, QuantLinear)]
         if layers:
             seen.append(all(not m.cache_weights and not m.kernel_cache for m in layers))
