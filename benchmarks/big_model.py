@@ -33,12 +33,13 @@ SHAPE = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, nu
              tie_word_embeddings=False)
 
 
-def _random(name: str, shape, std: float = 0.02) -> torch.Tensor:
-    g = torch.Generator().manual_seed(zlib.crc32(name.encode()))
-    return (torch.randn(*shape, generator=g) * std).to(torch.bfloat16)
+def _random(name: str, shape, std: float = 0.02, device: str = "cpu") -> torch.Tensor:
+    """Deterministic per tensor name and generating device (a CUDA generator draws other numbers than the CPU's)."""
+    g = torch.Generator(device=device).manual_seed(zlib.crc32(name.encode()))
+    return (torch.randn(*shape, generator=g, device=device) * std).to(torch.bfloat16).cpu()
 
 
-def make(folder: Path) -> None:
+def make(folder: Path, device: str = "cpu") -> None:
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, LlamaConfig
 
@@ -57,12 +58,13 @@ def make(folder: Path) -> None:
         keys = sorted(groups, key=lambda k: (k == "rest", int(k) if k.isdigit() else 0))
         for i, key in enumerate(keys, 1):
             fname = f"model-{i:05d}-of-{len(keys):05d}.safetensors"
-            tensors = {n: (torch.ones(shapes[n], dtype=torch.bfloat16) if "norm" in n else _random(n, shapes[n]))
-                       for n in groups[key]}
+            tensors = {n: (torch.ones(shapes[n], dtype=torch.bfloat16) if "norm" in n
+                           else _random(n, shapes[n], device=device)) for n in groups[key]}
             save_file(tensors, tmp / fname, metadata={"format": "pt"})
             files.update({n: fname for n in tensors})
             print(f"wrote {fname}", flush=True)
-        index = {"metadata": {"total_size": sum(2 * torch.Size(s).numel() for s in shapes.values())},
+        index = {"metadata": {"total_size": sum(2 * torch.Size(s).numel() for s in shapes.values()),
+                              "generated_on": device},
                  "weight_map": files}
         (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
         config.save_pretrained(tmp)
@@ -72,51 +74,84 @@ def _peak_rss_mb() -> float:
     return proc_status_mb("VmHWM")
 
 
-def step_rtn(folder: Path, out: Path) -> dict:
+def step_rtn(folder: Path, out: Path, device: str = "cpu") -> dict:
     import dgq
     from dgq.stream import quantize_to
 
     t0 = time.perf_counter()
     q = quantize_to(str(folder), out, dgq.DGQConfig(method="rtn", group_size=128), dtype="auto", overwrite=True,
-                    progress=False)
+                    progress=False, device=device)
     return {"seconds": round(time.perf_counter() - t0, 1), "peak_rss_mb": round(_peak_rss_mb()),
             "checkpoint_bytes": sum(f.stat().st_size for f in out.glob("*.safetensors")),
             "shards": len(list(out.glob("*.safetensors"))), "streamed": q["streamed"]}
 
 
-def step_dgq(folder: Path, out: Path, blocks: int, grid2: int = 80) -> dict:
+def step_dgq(folder: Path, out: Path, blocks: int, grid2: int = 80, device: str = "cpu", dtype: str = "float32",
+             max_seconds: float | None = None, log: Path | None = None) -> dict:
+    """dgq on the first ``blocks`` blocks (0: all), or fewer once ``max_seconds`` have passed (at least 8 blocks on
+    a GPU, as issue 12 asks). Each block's line also goes to ``log`` as it finishes (a run stopped by a timeout
+    keeps its blocks)."""
     import dgq
     from dgq import stream
 
     times, t_start = [], time.perf_counter()
     orig = stream.BlockIO.done
+    cuda = device.startswith("cuda")
+    n_layers = SHAPE["num_hidden_layers"]
+    want = blocks or n_layers
 
     class Enough(Exception):
         pass
 
+    def device_peak_mb() -> float | None:
+        return round(torch.cuda.max_memory_allocated() / 2**20) if cuda else None
+
     def done(self, i):
         orig(self, i)
-        times.append(round(time.perf_counter() - (times_end[-1] if times_end else t_start), 1))
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(round(time.perf_counter() - (times_end[-1] if times_end else t_start), 2))
         times_end.append(time.perf_counter())
-        print(f"block {i}: {times[-1]} s, peak RSS {_peak_rss_mb():.0f} MB", flush=True)
-        if len(times) >= blocks:
+        line = {"block": i, "seconds": times[-1], "peak_rss_mb": round(_peak_rss_mb()),
+                "peak_device_mb": device_peak_mb(),
+                "peak_device_reserved_mb": round(torch.cuda.max_memory_reserved() / 2**20) if cuda else None}
+        print(json.dumps(line), file=sys.stderr, flush=True)
+        if log is not None:
+            with open(log, "a") as f:
+                f.write(json.dumps(line) + "\n")
+        late = max_seconds is not None and time.perf_counter() - t_start > max_seconds and len(times) >= min(8, want)
+        if (len(times) >= want or late) and len(times) < n_layers:
             raise Enough
 
     times_end: list[float] = []
     stream.BlockIO.done = done
     calib = torch.randint(0, SHAPE["vocab_size"], (8, 256), generator=torch.Generator().manual_seed(0))
+    finished = False
     try:
-        # float32: on a CPU without native bf16 (AVX2) bf16 GEMMs run ~5x slower than float32 ones
+        # CPU: float32 (on a CPU without native bf16, AVX2, bf16 GEMMs run ~5x slower than float32 ones);
+        # GPU: the checkpoint's own bf16
         stream.quantize_to(str(folder), out, dgq.DGQConfig(method="dgq", group_size=128, grid2=grid2), calib=calib,
-                           dtype="float32", overwrite=True, progress=False)
+                           device=device, dtype=dtype, overwrite=True, progress=False)
+        finished = True
     except Enough:
         pass
+    finally:
+        stream.BlockIO.done = orig
+    total = time.perf_counter() - t_start
     first = times[0]  # includes capturing the block-0 inputs (one forward per window)
     per_block = sum(times[1:]) / max(1, len(times) - 1) if len(times) > 1 else first
-    return {"nsamples": 8, "seqlen": 256, "dtype": "float32", "grid2": grid2, "blocks_run": len(times),
-            "block_seconds": times,
-            "extrapolated_total_seconds": round(first + per_block * (SHAPE["num_hidden_layers"] - 1)),
-            "peak_rss_mb": round(_peak_rss_mb())}
+    r = {"nsamples": 8, "seqlen": 256, "device": device, "dtype": dtype, "grid2": grid2, "blocks_run": len(times),
+         "all_blocks": finished, "block_seconds": times,
+         "extrapolated_total_seconds": round(first + per_block * (n_layers - 1)),
+         "peak_rss_mb": round(_peak_rss_mb())}
+    if finished:
+        r["total_seconds"] = round(total, 1)  # the whole quantize_to, checkpoint written
+        r["checkpoint_bytes"] = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+    if cuda:
+        r.update(peak_device_mb=device_peak_mb(),
+                 peak_device_reserved_mb=round(torch.cuda.max_memory_reserved() / 2**20),
+                 gpu=torch.cuda.get_device_name())
+    return r
 
 
 def step_generate(out: Path) -> dict:
@@ -135,14 +170,14 @@ def step_generate(out: Path) -> dict:
             "peak_rss_mb": round(_peak_rss_mb())}
 
 
-def run(folder: Path, out_json: Path, steps: list[str], blocks: int, grid2: int) -> None:
+def run(folder: Path, out_json: Path, steps: list[str], blocks: int, grid2: int, extra: list[str]) -> None:
     results = json.loads(out_json.read_text()) if out_json.exists() else {}
     results.update({"model": "random Llama-2-7B shape, bf16 safetensors shards", "shape": SHAPE,
                     "machine": machine_info()})
     for step in steps:
         print(f"== {step}", flush=True)
         r = subprocess.run([sys.executable, __file__, "_step", step, "--dir", str(folder), "--blocks", str(blocks),
-                            "--grid2", str(grid2)], capture_output=True, text=True)
+                            "--grid2", str(grid2), *extra], capture_output=True, text=True)
         sys.stderr.write(r.stderr[-3000:])
         key = step if step != "dgq" or grid2 == 80 else f"dgq_grid2_{grid2}"
         if r.returncode:
@@ -164,16 +199,27 @@ def main():
     ap.add_argument("--blocks", "--dgq-blocks", type=int, default=2)
     ap.add_argument("--grid2", type=int, default=80, help="dgq's phase-2 grid (default 80 as in dgq; a short grid "
                     "measures memory quickly: the search's temporaries do not grow with it)")
+    ap.add_argument("--device", default="cpu", help="make: where the random numbers are drawn; rtn/dgq: --device")
+    ap.add_argument("--dtype", default=None, help="dgq's --dtype (default: float32 on the CPU, auto = bf16 on a GPU)")
+    ap.add_argument("--max-seconds", type=float, default=None,
+                    help="dgq: stop after the block that passes this time (at least 8 blocks)")
+    ap.add_argument("--log", type=Path, default=None, help="dgq: append each block's JSON line here as it ends")
     a = ap.parse_args()
+    extra = ["--device", a.device] + (["--dtype", a.dtype] if a.dtype else [])
+    extra += (["--max-seconds", str(a.max_seconds)] if a.max_seconds else []) + (["--log", str(a.log)] if a.log else [])
+    dtype = a.dtype or ("float32" if a.device == "cpu" else "auto")
     ckpt = a.dir.with_name(a.dir.name + "-rtn")
     if a.what == "make":
-        make(a.dir)
+        t0 = time.perf_counter()
+        make(a.dir, a.device)
+        print(json.dumps({"make_seconds": round(time.perf_counter() - t0, 1), "device": a.device}))
     elif a.what == "run":
-        run(a.dir, a.out, a.steps.split(","), a.blocks, a.grid2)
+        run(a.dir, a.out, a.steps.split(","), a.blocks, a.grid2, extra)
     elif a.step == "rtn":
-        print(json.dumps(step_rtn(a.dir, ckpt)))
+        print(json.dumps(step_rtn(a.dir, ckpt, a.device)))
     elif a.step == "dgq":
-        print(json.dumps(step_dgq(a.dir, a.dir.with_name(a.dir.name + "-dgq"), a.blocks, a.grid2)))
+        print(json.dumps(step_dgq(a.dir, a.dir.with_name(a.dir.name + "-dgq"), a.blocks, a.grid2, a.device, dtype,
+                                  a.max_seconds, a.log)))
     else:
         print(json.dumps(step_generate(ckpt)))
 

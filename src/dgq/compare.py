@@ -239,7 +239,7 @@ def compare(model_ref: str, methods: str | None = None, calib: str = "squad-wiki
         del model
         gc.collect()
         size = sum(f.stat().st_size for f in path.glob("*.safetensors"))
-        back = checkpoint.load(path)
+        back = checkpoint.load(path, device=str(next(base.parameters()).device))  # evaluated where FP was
         te = time.perf_counter()
         r = perplexity_of_ids(back, ids, seqlen, bos, progress)
         w_bits, a_bits = cfg.bits

@@ -36,4 +36,7 @@ def machine_info() -> dict:
         "torch_threads": torch.get_num_threads(),
         "transformers": transformers.__version__,
     }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+        info["cuda"] = torch.version.cuda
     return info
