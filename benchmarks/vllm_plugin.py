@@ -187,7 +187,8 @@ def quantized_weights(ckpt: Path) -> int:
 
 
 def memory(held: dict, n_weights: int) -> dict:
-    """Bytes of the quantized linears' tensors vLLM holds (per rank) against their float sizes."""
+    """Bytes of the quantized linears' tensors vLLM holds (per rank) against their float sizes;
+    ``codes_bytes_per_weight``: the uint8 bytes (DGQ: the packed codes; W4A16: codes and zero points)."""
     ranks = held["weight_bytes"]
     total = sum(r["quantized_total"] for r in ranks)
     return {"quantized_weights": n_weights, "per_rank": ranks, "quantized_bytes_all_ranks": total,
