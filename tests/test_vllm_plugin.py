@@ -99,3 +99,24 @@ def test_compiled_mode_and_checksums(tp, report):
     assert "nll" in c, c
     assert abs(c["rel_diff_nll_vs_dgq"]) < 1e-3
     assert edited["exit_status"] == 3 and "config.json was modified" in edited["load_error"]
+
+
+@pytest.fixture(scope="module")
+def formats(tmp_path_factory):
+    return vp.run_formats(tmp_path_factory.mktemp("vllm_formats"))
+
+
+@pytest.mark.parametrize("fmt", ["w8a8", "w4a16"])
+def test_peer_formats(formats, fmt, report):
+    r = formats[fmt]
+    report(f"{fmt}: NLL dgq {r['nll_dgq']:.6f}, vLLM TP1 {r['tp1'].get('nll')}, TP2 {r['tp2'].get('nll')}, "
+           f"layers {r['tp1'].get('layers')}")
+    (layers,) = r["tp1"]["layers"]  # 2 blocks x (qkv, o, gate_up, down), all of this format
+    assert sum(layers.values()) == 8 and all(k.startswith(f"{fmt} ") for k in layers)
+    assert all(k.endswith("act=none" if fmt == "w4a16" else "act=dynamic") for k in layers)
+    assert abs(r["tp1"]["rel_diff_nll_vs_dgq"]) < 1e-3
+    assert abs(r["tp2"]["rel_diff_nll_vs_dgq"]) < 2e-3
+    m = r["tp1"]["memory"]
+    # uint8 bytes: W4A16's packed codes (0.5) and its zero points (1/64); W8A8 holds int8 weights, no uint8
+    assert m["codes_bytes_per_weight"] == (0.5 + 1 / 64 if fmt == "w4a16" else 0)
+    assert m["bytes_per_weight"] < (0.6 if fmt == "w4a16" else 1.05)

@@ -124,7 +124,10 @@ class DGQVllmConfig(QuantizationConfig):
         path = Path(model_name)
         if path.is_dir() and _env_flag("DGQ_VLLM_VERIFY", True):
             cfg, q = read_quantization_config(path)
-            verify_checksums(path, cfg, q)
+            try:
+                verify_checksums(path, cfg, q)
+            except DGQError as e:
+                raise DGQError(f"{e} (in vLLM: DGQ_VLLM_VERIFY=0 skips the checksums)") from None
         if isinstance(self.kv, dict) and self.kv.get("mode", "none") != "none":
             log.warning("the checkpoint records dgq's %s KV cache; vLLM runs its own KV cache (float unless "
                         "kv_cache_dtype is set), so results differ slightly from dgq's", self.kv["mode"])
