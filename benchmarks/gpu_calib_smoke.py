@@ -32,7 +32,9 @@ COMMON = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=3, num_a
 
 
 def _codes(model) -> dict[str, torch.Tensor]:
-    return {n: b.detach().cpu() for n, b in model.named_buffers() if n.endswith("qweight")}
+    """The integer weights: 4-bit packed codes (``qweight``) or W8A8's int8 ``weight``."""
+    return {n: b.detach().cpu() for n, b in model.named_buffers()
+            if n.endswith("qweight") or (n.endswith(".weight") and b.dtype == torch.int8)}
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -77,7 +79,7 @@ def one(kind: str, method: str, folder: Path, work: Path, calib: torch.Tensor, d
         c, g = logits[f"codes-{path}-cpu"], logits[f"codes-{path}-{dev}"]
         same = sum(int((c[n] == g[n]).sum()) for n in c)
         total = sum(c[n].numel() for n in c)
-        out[f"{path}_codes_equal"] = round(same / max(total, 1), 5)
+        out[f"{path}_codes_equal"] = round(same / total, 5) if total else None
         out[f"{path}_gpu_vs_cpu_rel"] = round(_rel(logits[f"{path}-{dev}"], logits[f"{path}-cpu"]), 6)
         out[f"{path}_cpu_vs_fp_rel"] = round(_rel(logits[f"{path}-cpu"], ref), 6)
     # the streamed and in-memory paths on the GPU compute the same thing

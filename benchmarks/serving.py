@@ -1,5 +1,6 @@
 """Generation speed (and perplexity) of one dgq checkpoint in each engine that runs it on the CPU: dgq's own runtime
-(``model.generate``, as ``dgq generate`` runs it), vLLM CPU (the ``ct-w8a8`` export), llama.cpp (llama-cpp-python,
+(``model.generate``, as ``dgq generate`` runs it), vLLM CPU (the ``ct-w8a8`` export, and the dgq checkpoint itself
+through dgq's vLLM plugin), llama.cpp (llama-cpp-python,
 the ``gguf-q4_1`` and ``gguf-q8_0`` exports) and, for scale, transformers on the unquantized float32 model.
 
 Every engine gets the same token ids: ``--prompts`` prompts (the first WikiText-2 test paragraphs, cut to
@@ -170,7 +171,7 @@ def run(workdir: Path, ckpt: Path | None = None, threads: int = 2, n_prompts: in
     if ppl_windows:
         ids, bos = eval_ids(str(vc.TEXT), tok, max_tokens=ppl_windows * seqlen)
         rows = windows(ids, seqlen, bos)
-    engines = engines or ("dgq", "transformers-fp32", "vllm", *GGUF_TARGETS)
+    engines = engines or ("dgq", "transformers-fp32", "vllm", "vllm-dgq-plugin", *GGUF_TARGETS)
     res = {"model": vc.ALIAS if ckpt is None else Path(ckpt).name, "recipe": RECIPE if ckpt is None else None,
            "threads": threads, "prompts": n_prompts, "prompt_tokens": prompt_tokens, "new_tokens": new,
            "repeats": repeats, "greedy": True,
@@ -191,21 +192,25 @@ def run(workdir: Path, ckpt: Path | None = None, threads: int = 2, n_prompts: in
         if rows is not None:
             e["transformers-fp32"]["ppl"] = hf_ppl(fp, rows)
         del fp
-    if "vllm" in engines:
-        req = {"model": str(paths["ct-w8a8"]), "dtype": "float32", "threads": threads,
+    vllm_runs = {"vllm": (paths["ct-w8a8"], "vLLM CPU, ct-w8a8 export (int8 W8A8, dynamic per-token), float32, eager"),
+                 "vllm-dgq-plugin": (paths["ckpt"], "vLLM CPU, the dgq checkpoint itself through dgq's plugin "
+                                     "(4-bit weights, dgq's CPU kernel with its int8 weight cache), float32, eager")}
+    for name, (model_dir, what) in vllm_runs.items():
+        if name not in engines:
+            continue
+        req = {"model": str(model_dir), "dtype": "float32", "threads": threads,
                "max_model_len": max(prompt_tokens + new, seqlen) + 8, "max_num_seqs": max(n_prompts, 1),
                "serve": {"prompts": prompts, "max_tokens": new, "modes": ["batch1", "batched"], "repeats": repeats}}
         if rows is not None:
             req["windows"] = rows.tolist()
-        r = vc.run_worker(req, workdir / "vllm")
+        r = vc.run_worker(req, workdir / name)
         if "serve" not in r:
-            e["vllm"] = {"error": r.get("load_error") or r.get("run_error")}
+            e[name] = {"error": r.get("load_error") or r.get("run_error")}
         else:
-            e["vllm"] = {"what": "vLLM CPU, ct-w8a8 export (int8 W8A8, dynamic per-token), float32, eager",
-                         **r["serve"], "load_seconds": r["load_seconds"], "versions": r["versions"],
-                         "engine_args": r["engine_args"], "env": r["env"]}
+            e[name] = {"what": what, **r["serve"], "load_seconds": r["load_seconds"], "versions": r["versions"],
+                       "engine_args": r["engine_args"], "env": r["env"]}
             if "perplexity" in r:
-                e["vllm"]["ppl"] = r["perplexity"]["ppl"]
+                e[name]["ppl"] = r["perplexity"]["ppl"]
     for to in GGUF_TARGETS:
         if to not in engines:
             continue
@@ -256,11 +261,11 @@ def main() -> None:
     p.add_argument("--ppl-windows", type=int, default=4)
     p.add_argument("--seqlen", type=int, default=1024)
     p.add_argument("--engines", default="", help="comma-separated subset of: dgq, transformers-fp32, vllm, "
-                                                 + ", ".join(GGUF_TARGETS))
+                                                 "vllm-dgq-plugin, " + ", ".join(GGUF_TARGETS))
     p.add_argument("--json", default="benchmarks/results/serving_smollm2.json")
     a = p.parse_args()
     engines = tuple(x for x in a.engines.split(",") if x)
-    if not engines or "vllm" in engines:
+    if not engines or {"vllm", "vllm-dgq-plugin"} & set(engines):
         why = vc.missing_vllm()
         if why:
             sys.exit(why)

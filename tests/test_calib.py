@@ -153,6 +153,41 @@ def test_candidates_expand_per_call_while_calibrating(monkeypatch):
     assert all(m.cache_weights and not m.kernel_cache for m in layers)
 
 
+@pytest.mark.parametrize("method", ["dgq", "dgq-gptq"])
+def test_hessians_are_released_once_their_linears_are_made(monkeypatch, method):
+    """Memory: when a block's later linear (down_proj) is made, the K×K Hessians of the inputs whose linears are
+    all made are gone (only the input still being consumed holds one); asking for a released one is an error,
+    never a silent recomputation from the samples."""
+    from dgq import calib as calib_mod
+
+    held, seen = [], []
+    orig = calib_mod.make_layers
+
+    def make_layers(method_, lin, name, group_size, stats, config):
+        if name.endswith("q_proj"):
+            seen.clear()  # a new block
+        if name.endswith("down_proj"):
+            held.append([st for st in seen if st is not stats and not st.released])
+        seen.append(stats)
+        return orig(method_, lin, name, group_size, stats, config)
+
+    monkeypatch.setattr(calib_mod, "make_layers", make_layers)
+    model = make_tiny("llama")
+    calib = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    ref = make_tiny("llama")
+    dgq.quantize(model, DGQConfig(method=method, group_size=32, grid2=4), calib=calib, progress=False)
+    assert held and all(h == [] for h in held)  # down_proj's own Hessian is computed inside make_layers
+    monkeypatch.setattr(calib_mod, "make_layers", orig)
+    dgq.quantize(ref, DGQConfig(method=method, group_size=32, grid2=4), calib=calib, progress=False)
+    for (n, a), (_, b) in zip(model.state_dict().items(), ref.state_dict().items(), strict=True):
+        assert torch.equal(a, b), n
+    st = calib_mod.LinearStats(samples=[torch.randn(4, 8)])
+    st.hessian()
+    st.release_hessians()
+    with pytest.raises(RuntimeError, match="after release_hessians"):
+        st.hessian()
+
+
 def test_search_in_row_chunks_matches_the_whole_search(monkeypatch):
     """Large weights are searched in row chunks (bounded temporaries); every choice is per channel, so the result
     is the one-piece search's (tested with a small chunk on an odd row count: the last chunk is partial)."""

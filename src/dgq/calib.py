@@ -103,10 +103,16 @@ class LinearStats:
     h_sum: torch.Tensor | None = None  # Σ xᵀx over every calibration token (GPTQ), when collected
     h_tok: torch.Tensor | None = None  # Σ x̂ᵀx̂ with x̂ = x/‖x‖: every token weighted equally
     h_count: int = 0
+    released: bool = False
+
+    def _check_held(self) -> None:
+        if self.released:  # recomputing from the samples would silently change the math
+            raise RuntimeError("dgq internal error: a Hessian was asked for after release_hessians()")
 
     def hessian(self) -> torch.Tensor:
         """``XᵀX / T``: over every calibration token when it was accumulated (``full_hessian``), else over the
         sampled tokens; computed once (linears that share an input share their stats)."""
+        self._check_held()
         if self._h is None:
             if self.h_sum is not None:
                 self._h = (self.h_sum / max(1, self.h_count)).float()
@@ -131,12 +137,19 @@ class LinearStats:
         per token: a few massive-activation tokens (attention sinks) no longer dominate it. Over every calibration
         token when accumulated (``collect_stats(token_hessian=True)``), else over the sampled tokens (exact: the
         samples are rescaled by smoothing folds, so their norms are current)."""
+        self._check_held()
         if self.h_tok is not None:
             return (self.h_tok / max(1, self.h_count)).float()
         if self.h_sum is not None:
             raise DGQError("token-weighted Hessian was not collected (collect_stats(token_hessian=True))")
         x = self.x()
         return hessian(x / x.norm(dim=1, keepdim=True).clamp_min(1e-12))
+
+    def release_hessians(self) -> None:
+        """Drop the K×K matrices once every linear reading this input is made: down_proj's (11008² float32,
+        485 MB in a 7B model) is then the only one alive while it is searched."""
+        self._h = self.h_sum = self.h_tok = None
+        self.released = True
 
     def absmax(self) -> torch.Tensor:
         return torch.stack(self.window_absmax).amax(0)
@@ -506,6 +519,8 @@ def quantize_block(block: nn.Module, index: int, prefix: str, targets: dict, sta
         for layer in layers:
             layer.cache_weights = False
         made[n] = Made(lin.weight.detach(), lin.weight.device, layers)
+        if not any(stats[m] is stats[n] for m in stats if m not in made):
+            stats[n].release_hessians()  # no linear left needs them (the error log below uses the samples)
     n_cand = max(len(m.candidates) for m in made.values())
     errors, best = [], None
     for j in range(n_cand):
