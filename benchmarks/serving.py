@@ -194,7 +194,7 @@ def run(workdir: Path, ckpt: Path | None = None, threads: int = 2, n_prompts: in
         del fp
     vllm_runs = {"vllm": (paths["ct-w8a8"], "vLLM CPU, ct-w8a8 export (int8 W8A8, dynamic per-token), float32, eager"),
                  "vllm-dgq-plugin": (paths["ckpt"], "vLLM CPU, the dgq checkpoint itself through dgq's plugin "
-                                     "(4-bit weights, dgq's CPU kernel with its int8 weight cache), float32, eager")}
+                                     "(4-bit weights, expanded per call: DGQ_VLLM_WEIGHT_CACHE unset), float32, eager")}
     for name, (model_dir, what) in vllm_runs.items():
         if name not in engines:
             continue
