@@ -128,6 +128,37 @@ def ct_transformers_ppl(export: Path, rows: torch.Tensor) -> dict:
     return {"ppl": hf_ppl(m, rows), "compressed_tensors": compressed_tensors.__version__}
 
 
+def exports_in_transformers(workdir: Path, paths: dict, rows: torch.Tensor) -> dict:
+    """Each 4-bit export through transformers' own loaders, against dgq's evaluation of the same weights with
+    float activations (what those targets carry: ``ct-w4a16`` and GGUF have no int8 activations): the RTN A8W4
+    checkpoint's weights quantized ``weights_only`` in the DGQ format (the same codes and scales), exported to
+    ``ct-w4a16`` (loaded with ``CompressedTensorsConfig(dequantize=True)``: transformers' packed route expects
+    unpacked zero points), and the GGUF exports through ``from_pretrained(gguf_file=...)`` (float32)."""
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+
+    model, tok = dgq.load_model(vc.ALIAS)
+    dgq.quantize(model, dgq.DGQConfig(**vc.RECIPES["ct-w4a16"]), progress=False)  # DGQ format, weights only
+    wo = workdir / "ckpt-weights-only"
+    dgq.save(model, wo, tokenizer=tok)
+    res = {"dgq_weights_only": {"ppl": hf_ppl(model, rows), "what": "dgq's evaluation, DGQ weights, float activations"}}
+    del model
+    ct_dir = dgq.export(wo, to="ct-w4a16", out=workdir / "ct-w4a16")
+    m = AutoModelForCausalLM.from_pretrained(ct_dir, dtype=torch.float32,
+                                             quantization_config=CompressedTensorsConfig(dequantize=True)).eval()
+    res["ct-w4a16"] = {"ppl": hf_ppl(m, rows), "what": "ct-w4a16 export, transformers + compressed-tensors "
+                       "(dequantized; folded scale s_ch*s_int rounded to the model dtype)"}
+    del m
+    for to in GGUF_TARGETS:
+        f = Path(paths[to])
+        m = AutoModelForCausalLM.from_pretrained(f.parent, gguf_file=f.name, dtype=torch.float32).eval()
+        res[to] = {"ppl": hf_ppl(m, rows), "what": f"{to} export, transformers' GGUF loader (float32)"}
+        del m
+    ref = res["dgq_weights_only"]["ppl"]
+    for r in res.values():
+        r["rel_diff_vs_dgq_weights_only"] = r["ppl"] / ref - 1
+    return res
+
+
 # -- llama.cpp ----------------------------------------------------------------------------------------------------
 def llama_generate(llm, prompt: list[int], new: int) -> list[int]:
     """Greedy ``new`` tokens (argmax, EOS ignored) through llama.cpp's own sampler chain (top-k 1)."""
@@ -171,7 +202,8 @@ def run(workdir: Path, ckpt: Path | None = None, threads: int = 2, n_prompts: in
     if ppl_windows:
         ids, bos = eval_ids(str(vc.TEXT), tok, max_tokens=ppl_windows * seqlen)
         rows = windows(ids, seqlen, bos)
-    engines = engines or ("dgq", "transformers-fp32", "vllm", "vllm-dgq-plugin", *GGUF_TARGETS)
+    engines = engines or ("dgq", "transformers-fp32", "vllm", "vllm-dgq-plugin", *GGUF_TARGETS,
+                          "exports-in-transformers")
     res = {"model": vc.ALIAS if ckpt is None else Path(ckpt).name, "recipe": RECIPE if ckpt is None else None,
            "threads": threads, "prompts": n_prompts, "prompt_tokens": prompt_tokens, "new_tokens": new,
            "repeats": repeats, "greedy": True,
@@ -211,6 +243,8 @@ def run(workdir: Path, ckpt: Path | None = None, threads: int = 2, n_prompts: in
                        "engine_args": r["engine_args"], "env": r["env"]}
             if "perplexity" in r:
                 e[name]["ppl"] = r["perplexity"]["ppl"]
+    if "exports-in-transformers" in engines and rows is not None:
+        res["exports_in_transformers"] = exports_in_transformers(workdir, paths, rows)
     for to in GGUF_TARGETS:
         if to not in engines:
             continue
@@ -261,7 +295,8 @@ def main() -> None:
     p.add_argument("--ppl-windows", type=int, default=4)
     p.add_argument("--seqlen", type=int, default=1024)
     p.add_argument("--engines", default="", help="comma-separated subset of: dgq, transformers-fp32, vllm, "
-                                                 "vllm-dgq-plugin, " + ", ".join(GGUF_TARGETS))
+                                                 "vllm-dgq-plugin, exports-in-transformers, "
+                                                 + ", ".join(GGUF_TARGETS))
     p.add_argument("--json", default="benchmarks/results/serving_smollm2.json")
     a = p.parse_args()
     engines = tuple(x for x in a.engines.split(",") if x)
