@@ -44,6 +44,9 @@ from dgq.data import eval_ids, windows
 from dgq.eval.perplexity import perplexity_of_ids
 from dgq.models import alias_folder, load_tokenizer
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from llamacpp_check import dgq_greedy  # noqa: E402 - the same greedy reference as the llama.cpp check
+
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).resolve().with_name("vllm_worker.py")
 ALIAS = "smollm2-135m"
@@ -126,14 +129,6 @@ def build(workdir: Path, targets=TARGETS, ckpt: Path | None = None) -> dict:
 def eval_windows(tok, n_windows: int, seqlen: int, text: Path = TEXT) -> tuple[torch.Tensor, int | None]:
     """The first ``n_windows`` windows of ``seqlen`` tokens of ``text``, as dgq's perplexity builds them."""
     return eval_ids(str(text), tok, max_tokens=n_windows * seqlen)
-
-
-@torch.no_grad()
-def dgq_greedy(model, prompt_ids: list[int], n: int, eos: int | None) -> list[int]:
-    x = torch.tensor([prompt_ids])
-    y = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                       pad_token_id=eos)
-    return y[0, len(prompt_ids):].tolist()
 
 
 @torch.no_grad()

@@ -22,19 +22,8 @@ import sys
 import time
 import traceback
 
-# vLLM CPU on a small shared machine: the engine in this process, a fixed 1 GiB KV cache (no memory profiling), no
-# thread binding (the threads are set below), offline.
-ENV = {
-    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-    "VLLM_CPU_KVCACHE_SPACE": "1",
-    "VLLM_CPU_OMP_THREADS_BIND": "nobind",
-    "VLLM_LOGGING_LEVEL": "WARNING",
-    "VLLM_NO_USAGE_STATS": "1",
-    "DO_NOT_TRACK": "1",
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-}
+from vllm_worker import ENV  # noqa: E402,F401 - vLLM CPU settings shared with the ct worker (no vLLM import there)
+from vllm_worker import perplexity as _perplexity  # noqa: E402
 
 
 def engine_args(req: dict) -> dict:
@@ -75,20 +64,8 @@ def prompts(ids_list):
 
 
 def perplexity(llm, windows: list[list[int]]) -> dict:
-    """NLL of each window's tokens 1..L-1 from vLLM's prompt log-probabilities (raw logits)."""
-    t0 = time.perf_counter()
-    outs = llm.generate(prompts(windows), sampling(max_tokens=1, prompt_logprobs=0), use_tqdm=False)
-    secs = time.perf_counter() - t0
-    per_window, nll, count = [], 0.0, 0
-    for w, o in zip(windows, outs, strict=True):
-        plp = o.prompt_logprobs
-        assert plp is not None and len(plp) == len(w), (len(plp or []), len(w))
-        s = -sum(plp[i][w[i]].logprob for i in range(1, len(w)))
-        per_window.append(s / (len(w) - 1))
-        nll += s
-        count += len(w) - 1
-    return {"ppl": math.exp(nll / count), "nll": nll / count, "scored_tokens": count, "windows": len(windows),
-            "nll_per_window": per_window, "seconds": round(secs, 2)}
+    """NLL per window from vLLM's prompt log-probabilities (the ct worker's; no tokenizer in this engine)."""
+    return _perplexity(llm, windows, detokenize=False)
 
 
 def greedy(llm, prompt_ids: list[int], max_tokens: int) -> dict:

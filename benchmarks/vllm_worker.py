@@ -63,12 +63,13 @@ def versions() -> dict:
             "torch_cpu_capability": torch.backends.cpu.get_cpu_capability()}
 
 
-def perplexity(llm, windows: list[list[int]]) -> dict:
-    """NLL of each window's tokens 1..L-1 from vLLM's prompt log-probabilities (raw logits, before sampling)."""
+def perplexity(llm, windows: list[list[int]], detokenize: bool = True) -> dict:
+    """NLL of each window's tokens 1..L-1 from vLLM's prompt log-probabilities (raw logits, before sampling);
+    ``detokenize=False`` for an engine started without its tokenizer (``skip_tokenizer_init``)."""
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    sp = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
+    sp = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=detokenize)
     t0 = time.perf_counter()
     outs = llm.generate([TokensPrompt(prompt_token_ids=w) for w in windows], sp, use_tqdm=False)
     secs = time.perf_counter() - t0
