@@ -42,10 +42,10 @@ from .formats import FORMATS, QuantLinear
 from .formats.packing import NIBBLE_ORDER
 from .fsutil import atomic_folder, check_output_dir
 from .fuse import fuse_siblings
+from .qconfig import FORMAT_VERSION, check_header
 
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
-FORMAT_VERSION = 2  # of the checkpoint layout and its quantization_config; load reads 1 (no checksums) and 2
 DEFAULT_MAX_SHARD = 5 * 10**9  # bytes per shard (transformers' default "5GB")
 DEFAULT_STREAM_SHARD = "500MB"  # writing while reading: the shard being assembled is held in memory, keep it small
 # What stops plain transformers (no `import dgq`) from loading a checkpoint with random quantized layers: config.json
@@ -266,14 +266,7 @@ def read_quantization_config(path: Path) -> tuple[dict, dict]:
     q = cfg.pop("quantization_config", None)
     if not isinstance(q, dict) or q.get("quant_method") != "dgq":
         raise DGQError(f"{path} is not a dgq checkpoint (config.json has no quantization_config of quant_method dgq)")
-    v = q.get("format_version")
-    if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-        raise DGQError(f"{path}: quantization_config.format_version must be a positive integer, got {v!r}")
-    if v > FORMAT_VERSION:
-        raise DGQError(f"{path} uses dgq format version {v}, newer than this dgq reads ({FORMAT_VERSION}); "
-                       f"upgrade dgq")
-    if not isinstance(q.get("modules"), dict) or not q["modules"]:
-        raise DGQError(f"{path}: quantization_config lists no quantized modules")
+    check_header(q, str(path))
     return cfg, q
 
 

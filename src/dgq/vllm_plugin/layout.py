@@ -22,9 +22,9 @@ import torch
 
 from ..errors import DGQError
 from ..formats import FORMATS
+from ..qconfig import FORMAT_VERSION, check_header  # noqa: F401 - FORMAT_VERSION: the newest layout it reads
 
 KINDS = ("packed", "group", "full", "channel", "tensor")
-FORMAT_VERSION = 2  # the newest quantization_config layout this plugin reads (dgq.checkpoint.FORMAT_VERSION)
 
 
 @dataclass(frozen=True)
@@ -64,15 +64,8 @@ def check_modules(q: dict) -> dict[str, dict]:
     """The ``modules`` of a dgq ``quantization_config``, checked for what the plugin reads; raises DGQError."""
     if not isinstance(q, dict) or q.get("quant_method") != "dgq":
         raise DGQError("not a dgq quantization_config (quant_method must be 'dgq')")
-    v = q.get("format_version")
-    if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-        raise DGQError(f"dgq quantization_config: format_version must be a positive integer, got {v!r}")
-    if v > FORMAT_VERSION:
-        raise DGQError(f"the checkpoint uses dgq format version {v}, newer than this plugin reads ({FORMAT_VERSION}); "
-                       f"upgrade dgq in the vLLM environment")
-    modules = q.get("modules")
-    if not isinstance(modules, dict) or not modules:
-        raise DGQError("dgq quantization_config lists no quantized modules")
+    check_header(q, "the checkpoint", reader="this plugin", upgrade="upgrade dgq in the vLLM environment")
+    modules = q["modules"]
     types = {"in_features": int, "out_features": int, "group_size": int, "bias": bool, "act_mode": str}
     for name, spec in modules.items():
         if not isinstance(spec, dict):
