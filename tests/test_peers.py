@@ -93,6 +93,27 @@ def test_dgq_gptq_codes_in_int8_safe_range_and_better(rng):
     assert _out_err(x, w, qw.dequantize()) < 0.9 * _out_err(x, w, plain.dequantize())
 
 
+def test_dgq_gptq_rtn_grid_never_worse_per_channel(rng):
+    """The RTN-grid candidate only ever lowers a row's ``dᵀ H d``, is on by default for dgq-gptq only, and the
+    result stays in the int8-safe range."""
+    from dgq.quant.search import output_error
+
+    x, w = _correlated(rng)
+    w[:, :8] *= 6.0  # a few wide columns: the search clips groups that GPTQ would rather compensate
+    h = hessian(x)
+    base = DGQConfig(method="dgq-gptq", group_size=64, grid2=8, refine=2)
+    on = resolve(base)
+    assert on.rtn_grid is True and resolve(DGQConfig(method="dgq", group_size=64)).rtn_grid is False
+    off = resolve(DGQConfig(method="dgq-gptq", group_size=64, grid2=8, refine=2, rtn_grid=False))
+    with_rtn, plain = dgq_gptq_weight(w, h, 64, on)
+    without, _ = dgq_gptq_weight(w, h, 64, off)
+    e_on, e_off = output_error(w, with_rtn.dequantize(), h), output_error(w, without.dequantize(), h)
+    assert (e_on <= e_off * (1 + 1e-6)).all() and bool((e_on < e_off * 0.999).any())
+    assert int(fmt.expand_int8(with_rtn.qweight, with_rtn.zeros, with_rtn.scales, 64).abs().max()) <= 127
+    with pytest.raises(DGQError, match="rtn_grid"):
+        resolve(DGQConfig(method="dgq-gptq", rtn_grid="yes"))
+
+
 def test_awq_scales_and_clip_not_worse_than_rtn(rng):
     x, w = _correlated(rng)
     h = hessian(x)

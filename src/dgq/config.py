@@ -27,6 +27,9 @@ class DGQConfig:
         (every calibration token scaled to unit norm in the Hessian) instead of the plain squared error, which a few
         massive-activation tokens dominate; None = on for dgq-gptq (its GPTQ step), off for gptq (the published
         Hessian) and dgq (its search: 24.60 vs 24.18 ppl with it, benchmarks/README.md).
+    rtn_grid: dgq-gptq also runs GPTQ on the data-free RTN grid (min/max groups, ``s_ch = max|W_row|/127``) and
+        keeps per row the better of that, GPTQ on the search's grid and the search alone; None = on for dgq-gptq
+        (the search's clipping is tuned for rounding, which GPTQ's compensation partly replaces).
     group_size: along K; must divide every quantized layer's input size (-1 = one group per row). None (the
         default) chooses it per model: 128 where it divides every quantized layer, else 64, else the largest size
         below 128 that does (the GPU kernel runs 64, 128 and 256), recorded in the checkpoint.
@@ -69,6 +72,7 @@ class DGQConfig:
     block_size: int = 128
     awq_grid: int = 20
     token_weighted: bool | None = None
+    rtn_grid: bool | None = None
     kv: str = "none"
 
     def check_fields(self) -> None:
@@ -79,7 +83,7 @@ class DGQConfig:
             raise DGQError(f"unknown format {self.format!r}; choose one of: {', '.join(FORMATS)}")
         if not 0.0 <= self.alpha <= 1.0:
             raise DGQError(f"smoothquant alpha must lie in [0, 1], got {self.alpha}")
-        for knob in ("act_order", "token_weighted"):
+        for knob in ("act_order", "token_weighted", "rtn_grid"):
             if getattr(self, knob) not in (None, True, False):
                 raise DGQError(f"{knob} must be true, false or unset, got {getattr(self, knob)!r}")
         if not 0.0 < self.damp < 1.0:

@@ -35,7 +35,7 @@ class Method:
 
     def defaults(self, config: DGQConfig) -> dict:
         """Values for the knobs left unset (None) in ``config``."""
-        return {"act_order": False, "token_weighted": False}
+        return {"act_order": False, "token_weighted": False, "rtn_grid": False}
 
     def check(self, config: DGQConfig) -> None:
         """Method-specific checks of a resolved config (raise DGQError)."""

@@ -1,41 +1,51 @@
 """``dgq-gptq``: DGQ's search fixes the grid (``s_ch``, ``s_int``, ``z``); GPTQ then picks the codes column by
-column with Hessian error compensation inside the int8-safe range, fitted under the token-weighted Hessian; per
-channel the better of GPTQ's and the search's codes. Both candidates are offered to calibration, which keeps per
-block the one with the lower mean per-token relative block output error. Same format and kernels as ``dgq``."""
+column with Hessian error compensation inside the int8-safe range, fitted under the token-weighted Hessian. With
+``rtn_grid`` (the default) GPTQ also runs on the data-free RTN grid, whose unclipped groups suit error compensation
+better on some rows; per channel the best of GPTQ's codes on either grid and the search's own codes is kept. Both
+that and the plain search are offered to calibration, which keeps per block the one with the lower mean per-token
+relative block output error. Same format and kernels as ``dgq``."""
 
 import torch
 
 from ..formats.dgq import DGQWeight, safe_code_bounds
 from ..formats.packing import pack_uint4
 from ..quant.gptq import Grid, gptq_quantize
+from ..quant.rtn import rtn_quantize
 from ..quant.search import keep_best_per_channel
 from .base import register
 from .dgq import DGQ, dgq_layer, dgq_weight
 
 
+def gptq_on_grid(qw: DGQWeight, w: torch.Tensor, h_fit: torch.Tensor, config) -> DGQWeight:
+    """GPTQ's codes for ``w`` on ``qw``'s fixed DGQ grid (step ``s_ch·s_int``, zero ``z``, int8-safe code range)."""
+    lo, hi = safe_code_bounds(qw.zeros, qw.scales)
+    grid = Grid(qw.channel_scale[:, None] * qw.scales.float(), qw.zeros.float(), lo.float(), hi.float())
+    codes, _ = gptq_quantize(w, h_fit, qw.group_size, static=grid, block_size=config.block_size, damp=config.damp,
+                             act_order=config.act_order)
+    return DGQWeight(pack_uint4(codes), qw.zeros, qw.scales, qw.channel_scale, qw.group_size)
+
+
 def dgq_gptq_weight(w: torch.Tensor, h: torch.Tensor, g: int, config, h_fit: torch.Tensor | None = None
                     ) -> list[DGQWeight]:
     """``[dgq-gptq weight, plain DGQ-search weight]``: DGQ's grid from the search on ``h``, then GPTQ codes on it
-    fitted under ``h_fit`` (default ``h``), the better of GPTQ's and the search's codes per channel by
-    ``dᵀ h_fit d``."""
+    (and, with ``config.rtn_grid``, on the RTN grid) fitted under ``h_fit`` (default ``h``); per channel the
+    candidate with the lowest ``dᵀ h_fit d``, the search's own codes included."""
     qw = dgq_weight(w, h, g, config)
-    lo, hi = safe_code_bounds(qw.zeros, qw.scales)
-    grid = Grid(qw.channel_scale[:, None] * qw.scales.float(), qw.zeros.float(), lo.float(), hi.float())
     h_fit = h if h_fit is None else h_fit
-    codes, _ = gptq_quantize(w, h_fit, g, static=grid, block_size=config.block_size, damp=config.damp,
-                             act_order=config.act_order)
-    gq = DGQWeight(pack_uint4(codes), qw.zeros, qw.scales, qw.channel_scale, g)
-    return [keep_best_per_channel(w, h_fit, [gq, qw]), qw]
+    candidates = [gptq_on_grid(qw, w, h_fit, config), qw]
+    if config.rtn_grid:
+        candidates.append(gptq_on_grid(rtn_quantize(w, g), w, h_fit, config))
+    return [keep_best_per_channel(w, h_fit, candidates), qw]
 
 
 class DGQGPTQ(DGQ):
     name = "dgq-gptq"
-    summary = "DGQ's grid with GPTQ error compensation (A8W4; act-order and the token-weighted Hessian on)"
+    summary = "DGQ's grid with GPTQ error compensation (A8W4; act-order, RTN grid and the token-weighted Hessian on)"
     rank = 60
     full_hessian = True
 
     def defaults(self, config):
-        return {"act_order": True, "token_weighted": True}
+        return {"act_order": True, "token_weighted": True, "rtn_grid": True}
 
     def make_layers(self, lin, name, group_size, stats, config):
         w = lin.weight.detach().float()
