@@ -94,7 +94,7 @@ def test_dgq_gptq_codes_in_int8_safe_range_and_better(rng):
 
 
 def test_dgq_gptq_rtn_grid_never_worse_per_channel(rng):
-    """The RTN-grid candidate only ever lowers a row's ``dᵀ H d``, is on by default for dgq-gptq only, and the
+    """The RTN-grid candidate only ever lowers a row's ``dᵀ H d``, is off unless asked for, and the
     result stays in the int8-safe range."""
     from dgq.quant.search import output_error
 
@@ -102,9 +102,9 @@ def test_dgq_gptq_rtn_grid_never_worse_per_channel(rng):
     w[:, :8] *= 6.0  # a few wide columns: the search clips groups that GPTQ would rather compensate
     h = hessian(x)
     base = DGQConfig(method="dgq-gptq", group_size=64, grid2=8, refine=2)
-    on = resolve(base)
-    assert on.rtn_grid is True and resolve(DGQConfig(method="dgq", group_size=64)).rtn_grid is False
-    off = resolve(DGQConfig(method="dgq-gptq", group_size=64, grid2=8, refine=2, rtn_grid=False))
+    off = resolve(base)
+    assert off.rtn_grid is False and resolve(DGQConfig(method="dgq", group_size=64)).rtn_grid is False
+    on = resolve(DGQConfig(method="dgq-gptq", group_size=64, grid2=8, refine=2, rtn_grid=True))
     with_rtn, plain = dgq_gptq_weight(w, h, 64, on)
     without, _ = dgq_gptq_weight(w, h, 64, off)
     e_on, e_off = output_error(w, with_rtn.dequantize(), h), output_error(w, without.dequantize(), h)

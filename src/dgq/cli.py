@@ -140,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Quantize MODEL into the DGQ A8W4 format and save it to --out.")
     _add_model(q)
     q.add_argument("--out", required=True, help="output folder (written atomically)")
-    q.add_argument("--method", default="dgq", choices=methods.names(),
+    q.add_argument("--method", default="dgq-gptq", choices=methods.names(),
                    help="; ".join(f"{m}: {methods.get(m).summary}" for m in methods.names()))
     q.add_argument("--w-bits", type=int, default=None, choices=[4, 8],
                    help="weight bits (default: the method's; 8 with rtn: W8A8 per-channel int8)")

@@ -28,7 +28,7 @@ def dgq_layer(qw: DGQWeight, lin, name: str, stats, config) -> DGQLinear:
 
 class DGQ(Method):
     name = "dgq"
-    summary = "calibrated DGQ A8W4: percentile smoothing + two-phase scale search, block by block (default)"
+    summary = "calibrated DGQ A8W4: percentile smoothing + two-phase scale search, block by block"
     rank = 50
     smooth_by_act = {"static": True, "dynamic": False, "none": False}
 
