@@ -92,3 +92,11 @@ def test_static_needs_text_longer_than_a_window(capsys, tiny_hf_dir, tmp_path):
 def test_console_script_help():
     r = subprocess.run([sys.executable, "-m", "dgq.cli", "quantize", "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "--group-size" in r.stdout and "--weights-only" in r.stdout
+
+
+def test_default_method_is_dgq_gptq():
+    """README's recommendation (both real models): `dgq quantize` without --method runs dgq-gptq."""
+    from dgq.cli import build_parser
+
+    a = build_parser().parse_args(["quantize", "m", "--out", "o"])
+    assert a.method == "dgq-gptq"
