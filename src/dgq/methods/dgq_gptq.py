@@ -1,10 +1,11 @@
 """``dgq-gptq``: DGQ's search fixes the grid (``s_ch``, ``s_int``, ``z``); GPTQ then picks the codes column by
-column with Hessian error compensation inside the int8-safe range, fitted under the token-weighted Hessian. With
-``rtn_grid`` (off by default) GPTQ also runs on the data-free RTN grid, whose unclipped groups suit error
-compensation better on some rows; per channel the best of GPTQ's codes on either grid and the search's own codes is
-kept. It lowers the layers' error but raised SmolLM2's perplexity (23.18 vs 22.62), hence off. Both
-that and the plain search are offered to calibration, which keeps per block the one with the lower mean per-token
-relative block output error. Same format and kernels as ``dgq``."""
+column with Hessian error compensation inside the int8-safe range, fitted under the token-weighted Hessian; per
+channel the better of GPTQ's and the search's codes. That and the plain search are offered to calibration, which
+keeps per block the one with the lower mean per-token relative block output error. Same format and kernels as
+``dgq``.
+
+``rtn_grid`` (off by default) adds GPTQ on the data-free RTN grid as a third per-channel candidate: it lowers the
+layers' error but raised SmolLM2's perplexity (23.18 vs 22.62)."""
 
 import torch
 
