@@ -33,18 +33,15 @@ from dataclasses import replace
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _common import machine_info  # noqa: E402
+from _common import add_layer_args, float_blocks, machine_info  # noqa: E402
 from dgq import DGQConfig  # noqa: E402
-from dgq.arch import arch_for_config  # noqa: E402
-from dgq.calib import capture_block_inputs, run_block, watch_inputs  # noqa: E402
-from dgq.data import calibration_windows  # noqa: E402
+from dgq.calib import run_block, token_relative_error, watch_inputs  # noqa: E402
 from dgq.formats.act import quantize_per_token  # noqa: E402
 from dgq.methods import resolve  # noqa: E402
 from dgq.methods.dgq import dgq_weight  # noqa: E402
-from dgq.methods.dgq_gptq import gptq_on_grid  # noqa: E402
+from dgq.methods.dgq_gptq import dgq_gptq_weight  # noqa: E402
 from dgq.methods.gptq import gptq_w4_weight  # noqa: E402
 from dgq.models import load_model  # noqa: E402
-from dgq.quant.search import keep_best_per_channel  # noqa: E402
 from dgq.quant.smooth import smoothquant_factors  # noqa: E402
 
 
@@ -54,10 +51,8 @@ def int8_tokens(x):
 
 
 def token_error(x, w, xq, w_hat):
-    """Mean over tokens of ‖x·wᵀ − x̂·ŵᵀ‖² / ‖x·wᵀ‖²."""
-    y = x @ w.T
-    d = y - xq @ w_hat.T
-    return float((d.norm(dim=1) ** 2 / y.norm(dim=1).clamp_min(1e-12) ** 2).mean())
+    """Mean over tokens of ‖x·wᵀ − x̂·ŵᵀ‖² / ‖x·wᵀ‖² (calibration's own block criterion)."""
+    return token_relative_error(xq @ w_hat.T, x @ w.T)
 
 
 def hessians(x, xq=None):
@@ -71,8 +66,7 @@ def hessians(x, xq=None):
 
 
 def dgq_gptq(w, h, h_tok, g, cfg, qw=None):
-    qw = dgq_weight(w, h, g, cfg) if qw is None else qw
-    return keep_best_per_channel(w, h_tok, [gptq_on_grid(qw, w, h_tok, cfg), qw]).dequantize()
+    return dgq_gptq_weight(w, h, g, cfg, h_tok, qw)[0].dequantize()
 
 
 def hadamard(n):
@@ -86,102 +80,89 @@ def hadamard(n):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", required=True)
-    ap.add_argument("--blocks", required=True, help="comma-separated block indices")
-    ap.add_argument("--group-size", type=int, required=True)
-    ap.add_argument("--calib", default="../shared/data/wikitext-2/valid.txt")
+    add_layer_args(ap)
     ap.add_argument("--fit-windows", type=int, default=32)
     ap.add_argument("--test-windows", type=int, default=8)
-    ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--damps", default="0.01,0.03,0.1")
     ap.add_argument("--ls-damp", type=float, default=0.01)
-    ap.add_argument("--out", required=True)
     a = ap.parse_args()
     blocks = [int(b) for b in a.blocks.split(",")]
     damps = [float(d) for d in a.damps.split(",")]
     g = a.group_size
     model, tok = load_model(a.model)
-    arch = arch_for_config(model.config)
     mc = model.config
     head = getattr(mc, "head_dim", None) or mc.hidden_size // mc.num_attention_heads
     rot = hadamard(head)
-    calib = calibration_windows(a.calib, tok, a.fit_windows + a.test_windows, a.seqlen)
-    hidden, kwargs = capture_block_inputs(model, arch, calib)
-    layers = model.model.layers
     cfg = resolve(DGQConfig(method="dgq-gptq", group_size=g))
     gcfg = resolve(DGQConfig(method="gptq", group_size=g, act_order=True))
     n_fit = a.fit_windows * a.seqlen
     rows = []
     t_start = time.perf_counter()
-    with torch.no_grad():
-        for i in range(max(blocks) + 1):
-            if i not in blocks:
-                hidden = run_block(layers[i], hidden, kwargs[i], "cpu")
-                continue
-            names = [n for n, m in layers[i].named_modules() if isinstance(m, torch.nn.Linear)]
-            xs: dict = {}
-            with watch_inputs(layers[i], names, lambda n, x, xs=xs: xs.setdefault(n, []).append(
-                    x.detach().reshape(-1, x.shape[-1]).float().clone())):
-                hidden_next = run_block(layers[i], hidden, kwargs[i], "cpu")
-            for n in names:
-                x_all = torch.cat(xs.pop(n))
-                x, xt = x_all[:n_fit], x_all[n_fit:]
-                del x_all
-                xtq = int8_tokens(xt)
-                w = layers[i].get_submodule(n).weight.detach().float()
-                h, h_tok = hessians(x)
-                row = {"block": i, "layer": n, "a8": token_error(xt, w, xtq, w)}
+    for i, block, hidden, kwargs in float_blocks(model, tok, blocks, a.calib, a.fit_windows + a.test_windows,
+                                                 a.seqlen):
+        names = [n for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)]
+        xs: dict = {}
+        with watch_inputs(block, names, lambda n, x, xs=xs: xs.setdefault(n, []).append(
+                x.detach().reshape(-1, x.shape[-1]).float().clone())):
+            run_block(block, hidden, kwargs, "cpu")
+        for n in names:
+            x_all = torch.cat(xs.pop(n))
+            x, xt = x_all[:n_fit], x_all[n_fit:]
+            del x_all
+            xtq = int8_tokens(xt)
+            w = block.get_submodule(n).weight.detach().float()
+            h, h_tok = hessians(x)
+            row = {"block": i, "layer": n, "a8": token_error(xt, w, xtq, w)}
 
-                def score(key, w_ref, w_hat, x_test=xt, x_test_q=xtq, row=row):
-                    row[key] = {"w4": token_error(x_test, w_ref, x_test, w_hat),
-                                "a8w4": token_error(x_test, w_ref, x_test_q, w_hat)}
+            def score(key, w_ref, w_hat, x_test=xt, x_test_q=xtq, row=row):
+                row[key] = {"w4": token_error(x_test, w_ref, x_test, w_hat),
+                            "a8w4": token_error(x_test, w_ref, x_test_q, w_hat)}
 
-                qw = dgq_weight(w, h, g, cfg)
-                score("dgq", w, qw.dequantize())
-                for d in damps:
-                    w_hat = dgq_gptq(w, h, h_tok, g, replace(cfg, damp=d), qw)
-                    score(f"dgq-gptq damp={d}", w, w_hat)
-                    if d == cfg.damp:
-                        row["dgq-gptq-fit"] = {"w4": token_error(x, w, x, w_hat)}
-                    score(f"gptq-ao damp={d}", w, gptq_w4_weight(w, h, g, replace(gcfg, damp=d)).dequantize())
-                # least squares against the int8 inputs (asymmetric calibration)
-                xq = int8_tokens(x)
-                hq, hq_tok = hessians(x, xq)
-                nrm = x.double().norm(dim=1, keepdim=True).clamp_min(1e-12)
-                c = ((x.double() - xq.double()) / nrm).T @ (xq.double() / nrm) / x.shape[0]
-                m = hq_tok.double() + a.ls_damp * hq_tok.double().diagonal().mean() * torch.eye(w.shape[1],
-                                                                                                 dtype=torch.float64)
-                w_ls = (w.double() + w.double() @ c @ torch.linalg.inv(m)).float()
-                row["ls"] = {"a8": token_error(xt, w, xtq, w_ls), "a8_fit": token_error(x, w, xq, w_ls),
-                             "a8_fit_plain_w": token_error(x, w, xq, w),
-                             "a8w4": token_error(xt, w, xtq, dgq_gptq(w_ls, hq, hq_tok, g, cfg))}
-                del xq, hq, hq_tok, c, m, w_ls
-                if n.endswith("down_proj"):
-                    for alpha in (0.3, 0.5):
-                        f = smoothquant_factors(x.abs().amax(0), [w], alpha)
-                        f = f / f.mean()  # the fold is scale-free; keeps the numbers readable
-                        w_s, x_s, xt_s = w * f[None, :], x / f, xt / f
-                        h_s, h_s_tok = hessians(x_s)
-                        xt_sq = int8_tokens(xt_s)
-                        score(f"sq{alpha}", w_s, dgq_gptq(w_s, h_s, h_s_tok, g, cfg), xt_s, xt_sq)
-                        row[f"sq{alpha}"]["a8"] = token_error(xt_s, w_s, xt_sq, w_s)
-                        del w_s, x_s, xt_s, h_s, h_s_tok, xt_sq
-                if n.endswith("v_proj") or n.endswith("o_proj"):
-                    if n.endswith("o_proj"):  # columns of each head rotated; its input rotated the same way
-                        w_r = (w.view(w.shape[0], -1, head) @ rot).reshape(w.shape)
-                        x_r = (x.view(x.shape[0], -1, head) @ rot).reshape(x.shape)
-                        xt_r = (xt.view(xt.shape[0], -1, head) @ rot).reshape(xt.shape)
-                    else:  # rows of each head rotated (outputs compared in the rotated basis: same norms)
-                        w_r = (rot.T @ w.view(-1, head, w.shape[1])).reshape(w.shape)
-                        x_r, xt_r = x, xt
-                    h_r, h_r_tok = hessians(x_r)
-                    xt_rq = int8_tokens(xt_r)
-                    score("rot", w_r, dgq_gptq(w_r, h_r, h_r_tok, g, cfg), xt_r, xt_rq)
-                    row["rot"]["a8"] = token_error(xt_r, w_r, xt_rq, w_r)
-                rows.append(row)
-                print(json.dumps(row), flush=True)
-                del x, xt, xtq
-            hidden = hidden_next
+            qw = dgq_weight(w, h, g, cfg)
+            score("dgq", w, qw.dequantize())
+            for d in damps:
+                w_hat = dgq_gptq(w, h, h_tok, g, replace(cfg, damp=d), qw)
+                score(f"dgq-gptq damp={d}", w, w_hat)
+                if d == cfg.damp:
+                    row["dgq-gptq-fit"] = {"w4": token_error(x, w, x, w_hat)}
+                score(f"gptq-ao damp={d}", w, gptq_w4_weight(w, h, g, replace(gcfg, damp=d)).dequantize())
+            # least squares against the int8 inputs (asymmetric calibration)
+            xq = int8_tokens(x)
+            hq, hq_tok = hessians(x, xq)
+            nrm = x.double().norm(dim=1, keepdim=True).clamp_min(1e-12)
+            c = ((x.double() - xq.double()) / nrm).T @ (xq.double() / nrm) / x.shape[0]
+            m = hq_tok.double() + a.ls_damp * hq_tok.double().diagonal().mean() * torch.eye(w.shape[1],
+                                                                                             dtype=torch.float64)
+            w_ls = (w.double() + w.double() @ c @ torch.linalg.inv(m)).float()
+            row["ls"] = {"a8": token_error(xt, w, xtq, w_ls), "a8_fit": token_error(x, w, xq, w_ls),
+                         "a8_fit_plain_w": token_error(x, w, xq, w),
+                         "a8w4": token_error(xt, w, xtq, dgq_gptq(w_ls, hq, hq_tok, g, cfg))}
+            del xq, hq, hq_tok, c, m, w_ls
+            if n.endswith("down_proj"):
+                for alpha in (0.3, 0.5):
+                    f = smoothquant_factors(x.abs().amax(0), [w], alpha)
+                    f = f / f.mean()  # the fold is scale-free; keeps the numbers readable
+                    w_s, x_s, xt_s = w * f[None, :], x / f, xt / f
+                    h_s, h_s_tok = hessians(x_s)
+                    xt_sq = int8_tokens(xt_s)
+                    score(f"sq{alpha}", w_s, dgq_gptq(w_s, h_s, h_s_tok, g, cfg), xt_s, xt_sq)
+                    row[f"sq{alpha}"]["a8"] = token_error(xt_s, w_s, xt_sq, w_s)
+                    del w_s, x_s, xt_s, h_s, h_s_tok, xt_sq
+            if n.endswith("v_proj") or n.endswith("o_proj"):
+                if n.endswith("o_proj"):  # columns of each head rotated; its input rotated the same way
+                    w_r = (w.view(w.shape[0], -1, head) @ rot).reshape(w.shape)
+                    x_r = (x.view(x.shape[0], -1, head) @ rot).reshape(x.shape)
+                    xt_r = (xt.view(xt.shape[0], -1, head) @ rot).reshape(xt.shape)
+                else:  # rows of each head rotated (outputs compared in the rotated basis: same norms)
+                    w_r = (rot.T @ w.view(-1, head, w.shape[1])).reshape(w.shape)
+                    x_r, xt_r = x, xt
+                h_r, h_r_tok = hessians(x_r)
+                xt_rq = int8_tokens(xt_r)
+                score("rot", w_r, dgq_gptq(w_r, h_r, h_r_tok, g, cfg), xt_r, xt_rq)
+                row["rot"]["a8"] = token_error(xt_r, w_r, xt_rq, w_r)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            del x, xt, xtq
     keys = sorted({(k, m) for r in rows for k, v in r.items() if isinstance(v, dict) for m in v})
     geo = {}
     for k, m in keys:

@@ -22,11 +22,9 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _common import machine_info  # noqa: E402
+from _common import add_layer_args, float_blocks, machine_info  # noqa: E402
 from dgq import DGQConfig  # noqa: E402
-from dgq.arch import arch_for_config  # noqa: E402
-from dgq.calib import capture_block_inputs, collect_stats, run_block  # noqa: E402
-from dgq.data import calibration_windows  # noqa: E402
+from dgq.calib import collect_stats  # noqa: E402
 from dgq.methods import resolve  # noqa: E402
 from dgq.methods.dgq import dgq_weight  # noqa: E402
 from dgq.methods.dgq_gptq import dgq_gptq_weight  # noqa: E402
@@ -61,42 +59,29 @@ def quantize(variant, w, h, h_tok, g):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", required=True)
-    ap.add_argument("--blocks", required=True, help="comma-separated block indices")
-    ap.add_argument("--group-size", type=int, required=True)
-    ap.add_argument("--calib", default="../shared/data/wikitext-2/valid.txt")
+    add_layer_args(ap)
     ap.add_argument("--nsamples", type=int, default=16)
-    ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--variants", default=",".join(VARIANTS))
-    ap.add_argument("--out", required=True)
     a = ap.parse_args()
     blocks = [int(b) for b in a.blocks.split(",")]
     variants = a.variants.split(",")
     model, tok = load_model(a.model)
-    arch = arch_for_config(model.config)
-    calib = calibration_windows(a.calib, tok, a.nsamples, a.seqlen)
-    hidden, kwargs = capture_block_inputs(model, arch, calib)
-    layers = model.model.layers
     rows, seconds = [], {v: 0.0 for v in variants}
-    with torch.no_grad():
-        for i in range(max(blocks) + 1):
-            if i in blocks:
-                names = [n for n, m in layers[i].named_modules() if isinstance(m, torch.nn.Linear)]
-                stats, _ = collect_stats(layers[i], names, hidden, kwargs[i], 64, 0, i, "cpu", full_hessian=True,
-                                         token_hessian=True)
-                for n in names:
-                    w = layers[i].get_submodule(n).weight.detach().float()
-                    h, h_tok = stats[n].hessian(), stats[n].token_hessian()
-                    ref = output_error(w, torch.zeros_like(w), h).sum()
-                    row = {"block": i, "layer": n}
-                    for v in variants:
-                        t = time.perf_counter()
-                        w_hat = quantize(v, w, h, h_tok, a.group_size)
-                        seconds[v] += time.perf_counter() - t
-                        row[v] = round(float(output_error(w, w_hat, h).sum() / ref), 6)
-                    rows.append(row)
-                    print(row, flush=True)
-            hidden = run_block(layers[i], hidden, kwargs[i], "cpu")
+    for i, block, hidden, kwargs in float_blocks(model, tok, blocks, a.calib, a.nsamples, a.seqlen):
+        names = [n for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)]
+        stats, _ = collect_stats(block, names, hidden, kwargs, 64, 0, i, "cpu", full_hessian=True, token_hessian=True)
+        for n in names:
+            w = block.get_submodule(n).weight.detach().float()
+            h, h_tok = stats[n].hessian(), stats[n].token_hessian()
+            ref = output_error(w, torch.zeros_like(w), h).sum()
+            row = {"block": i, "layer": n}
+            for v in variants:
+                t = time.perf_counter()
+                w_hat = quantize(v, w, h, h_tok, a.group_size)
+                seconds[v] += time.perf_counter() - t
+                row[v] = round(float(output_error(w, w_hat, h).sum() / ref), 6)
+            rows.append(row)
+            print(row, flush=True)
     geo = {v: round(math.exp(sum(math.log(r[v]) for r in rows) / len(rows)), 6) for v in variants}
     out = {"model": a.model, "group_size": a.group_size, "blocks": blocks, "calibration": {
         "text": a.calib, "nsamples": a.nsamples, "seqlen": a.seqlen}, "machine": machine_info(),

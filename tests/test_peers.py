@@ -91,6 +91,8 @@ def test_dgq_gptq_codes_in_int8_safe_range_and_better(rng):
     assert bool(((q >= lo[..., None]) & (q <= hi[..., None])).all())
     assert int(fmt.expand_int8(qw.qweight, qw.zeros, qw.scales, 64).abs().max()) <= 127
     assert _out_err(x, w, qw.dequantize()) < 0.9 * _out_err(x, w, plain.dequantize())
+    again, same = dgq_gptq_weight(w, h, 64, cfg, qw=plain)  # the search's result handed in: the same weights
+    assert same is plain and torch.equal(again.qweight, qw.qweight)
 
 
 def test_dgq_gptq_rtn_grid_never_worse_per_channel(rng):

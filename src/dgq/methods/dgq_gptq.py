@@ -27,12 +27,13 @@ def gptq_on_grid(qw: DGQWeight, w: torch.Tensor, h_fit: torch.Tensor, config) ->
     return DGQWeight(pack_uint4(codes), qw.zeros, qw.scales, qw.channel_scale, qw.group_size)
 
 
-def dgq_gptq_weight(w: torch.Tensor, h: torch.Tensor, g: int, config, h_fit: torch.Tensor | None = None
-                    ) -> list[DGQWeight]:
-    """``[dgq-gptq weight, plain DGQ-search weight]``: DGQ's grid from the search on ``h``, then GPTQ codes on it
-    (and, with ``config.rtn_grid``, on the RTN grid) fitted under ``h_fit`` (default ``h``); per channel the
-    candidate with the lowest ``dᵀ h_fit d``, the search's own codes included."""
-    qw = dgq_weight(w, h, g, config)
+def dgq_gptq_weight(w: torch.Tensor, h: torch.Tensor, g: int, config, h_fit: torch.Tensor | None = None,
+                    qw: DGQWeight | None = None) -> list[DGQWeight]:
+    """``[dgq-gptq weight, plain DGQ-search weight]``: DGQ's grid from the search on ``h`` (or ``qw``, the search's
+    result when already made), then GPTQ codes on it (and, with ``config.rtn_grid``, on the RTN grid) fitted under
+    ``h_fit`` (default ``h``); per channel the candidate with the lowest ``dᵀ h_fit d``, the search's own codes
+    included."""
+    qw = dgq_weight(w, h, g, config) if qw is None else qw
     h_fit = h if h_fit is None else h_fit
     candidates = [gptq_on_grid(qw, w, h_fit, config), qw]
     if config.rtn_grid:
