@@ -42,6 +42,7 @@ from dgq.methods.dgq import dgq_weight  # noqa: E402
 from dgq.methods.dgq_gptq import dgq_gptq_weight  # noqa: E402
 from dgq.methods.gptq import gptq_w4_weight  # noqa: E402
 from dgq.models import load_model  # noqa: E402
+from dgq.quant.rotate import hadamard, rotate_columns, rotate_rows  # noqa: E402
 from dgq.quant.smooth import smoothquant_factors  # noqa: E402
 
 
@@ -69,15 +70,6 @@ def dgq_gptq(w, h, h_tok, g, cfg, qw=None):
     return dgq_gptq_weight(w, h, g, cfg, h_tok, qw)[0].dequantize()
 
 
-def hadamard(n):
-    h = torch.ones(1, 1)
-    while h.shape[0] < n:
-        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
-    if h.shape[0] != n:
-        raise SystemExit(f"head size {n} is not a power of two")
-    return h / math.sqrt(n)
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_layer_args(ap)
@@ -92,7 +84,7 @@ def main():
     model, tok = load_model(a.model)
     mc = model.config
     head = getattr(mc, "head_dim", None) or mc.hidden_size // mc.num_attention_heads
-    rot = hadamard(head)
+    rot = hadamard(head)  # plain Sylvester (no random signs), as in the committed results
     cfg = resolve(DGQConfig(method="dgq-gptq", group_size=g))
     gcfg = resolve(DGQConfig(method="gptq", group_size=g, act_order=True))
     n_fit = a.fit_windows * a.seqlen
@@ -150,11 +142,9 @@ def main():
                     del w_s, x_s, xt_s, h_s, h_s_tok, xt_sq
             if n.endswith("v_proj") or n.endswith("o_proj"):
                 if n.endswith("o_proj"):  # columns of each head rotated; its input rotated the same way
-                    w_r = (w.view(w.shape[0], -1, head) @ rot).reshape(w.shape)
-                    x_r = (x.view(x.shape[0], -1, head) @ rot).reshape(x.shape)
-                    xt_r = (xt.view(xt.shape[0], -1, head) @ rot).reshape(xt.shape)
+                    w_r, x_r, xt_r = rotate_columns(w, rot), rotate_columns(x, rot), rotate_columns(xt, rot)
                 else:  # rows of each head rotated (outputs compared in the rotated basis: same norms)
-                    w_r = (rot.T @ w.view(-1, head, w.shape[1])).reshape(w.shape)
+                    w_r = rotate_rows(w, rot)
                     x_r, xt_r = x, xt
                 h_r, h_r_tok = hessians(x_r)
                 xt_rq = int8_tokens(xt_r)

@@ -100,3 +100,10 @@ def test_default_method_is_dgq_gptq():
 
     a = build_parser().parse_args(["quantize", "m", "--out", "o"])
     assert a.method == "dgq-gptq"
+
+
+def test_rotate_static_is_one_line_error(capsys, tiny_hf_dir, tmp_path):
+    code, _, err = run_cli(capsys, "quantize", tiny_hf_dir, "--out", tmp_path / "o", "--group-size", "32",
+                           "--act", "static", "--rotate", "measured")
+    assert_one_line_error(code, err, "rotate needs dynamic activations")
+    assert not (tmp_path / "o").exists()

@@ -36,9 +36,12 @@ CASES = {
     "w4a16": ("llama", DGQConfig(method="gptq", group_size=32)),
     "dgq-weights-only": ("qwen2", DGQConfig(method="rtn", group_size=32, weights_only=True)),
     "ignore": ("llama", DGQConfig(method="rtn", group_size=32, ignore=("model.layers.1.self_attn.k_proj",))),
+    # rotate_residual unties qwen2's embeddings: the export carries the new lm_head
+    "rotated": ("qwen2", DGQConfig(method="dgq", group_size=32, grid1=4, grid2=4, refine=1, search_tokens=64,
+                                   rotate="on", rotate_residual=True)),
 }
-W8A8_CASES = ["dgq", "dgq-static", "w8a8", "w8a8-static", "ignore"]
-W4A16_CASES = ["dgq", "dgq-static", "w4a16", "dgq-weights-only", "ignore"]
+W8A8_CASES = ["dgq", "dgq-static", "w8a8", "w8a8-static", "ignore", "rotated"]
+W4A16_CASES = ["dgq", "dgq-static", "w4a16", "dgq-weights-only", "ignore", "rotated"]
 
 
 @pytest.fixture(scope="module")

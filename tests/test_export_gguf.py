@@ -40,9 +40,12 @@ CASES = {
     "w4a16": ("llama", DGQConfig(method="gptq", group_size=32)),
     "w8a8": ("llama", DGQConfig(method="smoothquant")),
     "ignore": ("llama", DGQConfig(method="rtn", group_size=32, ignore=("model.layers.1.self_attn.k_proj",))),
+    # rotate_residual: embeddings and lm_head rotated; qwen2's tied embeddings untied (a new output.weight)
+    "rotated": ("llama", DGQConfig(method="dgq", group_size=32, grid2=4, rotate="on", rotate_residual=True)),
+    "rotated-qwen2": ("qwen2", DGQConfig(method="dgq", group_size=32, grid2=4, rotate_residual=True)),
 }
-Q4_1_CASES = ["dgq", "dgq-qwen2", "dgq-g64", "w4a16", "ignore"]
-Q8_0_CASES = ["dgq", "dgq-qwen2", "dgq-g16", "w4a16", "w8a8", "ignore"]
+Q4_1_CASES = ["dgq", "dgq-qwen2", "dgq-g64", "w4a16", "ignore", "rotated-qwen2"]
+Q8_0_CASES = ["dgq", "dgq-qwen2", "dgq-g16", "w4a16", "w8a8", "ignore", "rotated", "rotated-qwen2"]
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +132,9 @@ def check_export(ck, src_path, out, to, report, logits_tol=2e-3):
     heads = {"attn_q": cfg["num_attention_heads"], "attn_k": cfg["num_key_value_heads"]} if arch == "llama" else {}
     names = hf_to_gguf_names(arch, cfg["num_hidden_layers"], [f"{n}.weight" for n in mods])
     src_t, out_t = {t.name: t for t in src_r.tensors}, {t.name: t for t in out_r.tensors}
-    assert list(out_t) == list(src_t)
+    added = [n for n in out_t if n not in src_t]  # an lm_head the source ties to its embeddings, untied by dgq
+    assert list(out_t) == list(src_t) + added and added == ([] if cfg.get("tie_word_embeddings", True) or
+                                                            "output.weight" in src_t else ["output.weight"])
     qtype = {"gguf-q4_1": gguf.GGMLQuantizationType.Q4_1, "gguf-q8_0": gguf.GGMLQuantizationType.Q8_0}[to]
     worst = {"abs": 0.0, "rel": 0.0, "of_bound": 0.0}
     for hf, gname in names.items():
@@ -152,9 +157,9 @@ def check_export(ck, src_path, out, to, report, logits_tol=2e-3):
     copied = [n for n in src_t if n not in names.values()]
     sd = float_reference(ck).state_dict()
     g2hf = {v: k for k, v in hf_to_gguf_names(arch, cfg["num_hidden_layers"], sd).items()}
-    for gname in copied:  # as the source's (bytes and type), or the checkpoint's values in F32 where they changed
-        a, b = src_t[gname], out_t[gname]
-        if a.tensor_type == b.tensor_type and np.array_equal(a.data, b.data):
+    for gname in copied + added:  # as the source's (bytes and type), or the checkpoint's values in F32 where changed
+        a, b = src_t.get(gname), out_t[gname]
+        if a is not None and a.tensor_type == b.tensor_type and np.array_equal(a.data, b.data):
             continue
         assert b.tensor_type == gguf.GGMLQuantizationType.F32, gname
         v = torch.from_numpy(np.array(b.data)).reshape(sd[g2hf[gname]].shape)
@@ -252,8 +257,9 @@ def test_source_gguf_checked(ckpts, sources, tmp_path):
         with pytest.raises(DGQError, match="needs the GGUF the model came from.*--source-gguf") as e:
             dgq.export(ck, to="gguf-q4_1", out=tmp_path / "o.gguf")
         assert "\n" not in str(e.value)
-    with pytest.raises(DGQError, match="token embeddings differ"):
-        dgq.export(ckpts["dgq"], to="gguf-q4_1", out=tmp_path / "o.gguf", source_gguf=sources["other"])
+    for ck in ("dgq", "rotated"):  # a rotated checkpoint's embeddings are checked against the source's, rotated
+        with pytest.raises(DGQError, match="token embeddings differ"):
+            dgq.export(ckpts[ck], to="gguf-q8_0", out=tmp_path / "o.gguf", source_gguf=sources["other"])
     with pytest.raises(DGQError, match="'qwen2' model"):
         dgq.export(ckpts["dgq"], to="gguf-q4_1", out=tmp_path / "o.gguf", source_gguf=sources["qwen2"])
     with pytest.raises(DGQError, match="source GGUF not found"):

@@ -26,7 +26,8 @@ def tensors(path):
                                   dict(method="smoothquant"), dict(method="dgq", act="static", smooth=True, grid2=4),
                                   dict(method="rtn", kv="int8-static"), dict(method="dgq", grid2=4, kv="int8-static"),
                                   dict(method="rtn", act="static", kv="int8-static"),
-                                  dict(method="dgq", grid2=4, kv="int8-smooth")])
+                                  dict(method="dgq", grid2=4, kv="int8-smooth"),
+                                  dict(method="dgq-gptq", grid2=4, rotate="measured", rotate_residual=True)])
 def test_streaming_equals_in_memory(tiny_hf_dir, tmp_path, spec):
     cfg = DGQConfig(group_size=32, **spec)
     model, tok = dgq.load_model(str(tiny_hf_dir))

@@ -23,6 +23,7 @@ from .checkpoint import build_quantization_config
 from .config import DGQConfig
 from .errors import DGQError, check_finite
 from .formats import QuantLinear
+from .rotation import rotate_residual_globals
 
 log = logging.getLogger("dgq")
 
@@ -137,6 +138,8 @@ def quantize(model: nn.Module, config: DGQConfig | None = None, calib: torch.Ten
     observer = kv_check(model.config, config)
     calibration = None
     if method.calibrated:
+        if config.rotate_residual:
+            rotate_residual_globals(model, arch_for_config(model.config), config.seed)
         calibration = calibrate(model, arch_for_config(model.config), targets, calib, config, method,
                                 progress=progress, kv_observer=observer, store=activation_store(act_budget, act_dir))
     else:

@@ -8,6 +8,15 @@ which linears (the smoothing mappings used by calibration): ``Smooth(src, dsts, 
 - ``"linear"``: ``src`` is a linear whose output rows feed ``dsts`` through an op that is linear in them
   (``act(gate) * up`` -> down) or positively homogeneous (ReLU -> fc2); ``src_rows`` selects a row slice of a
   fused linear (Phi-3 ``gate_up_proj``: the up half).
+
+``rotate`` names the attention's value projection and output projection, ``(v, o)``, where a per-head orthogonal
+rotation folds exactly into them (:mod:`dgq.quant.rotate`; calibration's ``rotate`` option); None where it does not
+(Phi-3's v rows sit inside the fused ``qkv_proj``).
+
+``residual`` says where the residual stream can be rotated (calibration's ``rotate_residual``): the final norm (its
+weight folds into ``lm_head``) and the block's linears that write to the stream; the readers are the ``"norm"``
+smoothing mappings. None where a norm sits between a writer and the stream (Gemma 2/3's post-norms) or the norms
+centre their input (OPT's LayerNorm): there the rotation does not commute with them.
 """
 
 from __future__ import annotations
@@ -28,6 +37,12 @@ class Smooth:
 
 
 @dataclass(frozen=True)
+class Residual:
+    final_norm: str
+    writers: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class Arch:
     family: str
     model_types: tuple[str, ...]
@@ -35,8 +50,12 @@ class Arch:
     linears: tuple[str, ...]
     smooth: tuple[Smooth, ...] = field(default_factory=tuple)
     norm_offset: float = 0.0
+    rotate: tuple[str, str] | None = None
+    residual: Residual | None = None
 
 
+_VO = ("self_attn.v_proj", "self_attn.o_proj")
+_RES = Residual("model.norm", ("self_attn.o_proj", "mlp.down_proj"))
 _LLAMA_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                   "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 _QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
@@ -52,23 +71,25 @@ _GEMMA2_SMOOTH = (
 )
 
 ARCHS: tuple[Arch, ...] = (
-    Arch("llama", ("llama",), "model.layers", _LLAMA_LINEARS, _LLAMA_SMOOTH),
-    Arch("mistral", ("mistral",), "model.layers", _LLAMA_LINEARS, _LLAMA_SMOOTH),
-    Arch("qwen2", ("qwen2",), "model.layers", _LLAMA_LINEARS, _LLAMA_SMOOTH),
-    Arch("qwen3", ("qwen3",), "model.layers", _LLAMA_LINEARS, _LLAMA_SMOOTH),
-    Arch("gemma", ("gemma",), "model.layers", _LLAMA_LINEARS, _LLAMA_SMOOTH, norm_offset=1.0),
-    Arch("gemma2", ("gemma2",), "model.layers", _LLAMA_LINEARS, _GEMMA2_SMOOTH, norm_offset=1.0),
-    Arch("gemma3", ("gemma3_text",), "model.layers", _LLAMA_LINEARS, _GEMMA2_SMOOTH, norm_offset=1.0),
+    Arch("llama", ("llama",), "model.layers", _LLAMA_LINEARS, _LLAMA_SMOOTH, rotate=_VO, residual=_RES),
+    Arch("mistral", ("mistral",), "model.layers", _LLAMA_LINEARS, _LLAMA_SMOOTH, rotate=_VO, residual=_RES),
+    Arch("qwen2", ("qwen2",), "model.layers", _LLAMA_LINEARS, _LLAMA_SMOOTH, rotate=_VO, residual=_RES),
+    Arch("qwen3", ("qwen3",), "model.layers", _LLAMA_LINEARS, _LLAMA_SMOOTH, rotate=_VO, residual=_RES),
+    Arch("gemma", ("gemma",), "model.layers", _LLAMA_LINEARS, _LLAMA_SMOOTH, norm_offset=1.0, rotate=_VO,
+         residual=_RES),
+    Arch("gemma2", ("gemma2",), "model.layers", _LLAMA_LINEARS, _GEMMA2_SMOOTH, norm_offset=1.0, rotate=_VO),
+    Arch("gemma3", ("gemma3_text",), "model.layers", _LLAMA_LINEARS, _GEMMA2_SMOOTH, norm_offset=1.0, rotate=_VO),
     Arch("phi3", ("phi3",), "model.layers",
          ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"),
          (Smooth("input_layernorm", ("self_attn.qkv_proj",)),
           Smooth("post_attention_layernorm", ("mlp.gate_up_proj",)),
-          Smooth("mlp.gate_up_proj", ("mlp.down_proj",), kind="linear", src_rows="second_half"))),
+          Smooth("mlp.gate_up_proj", ("mlp.down_proj",), kind="linear", src_rows="second_half")),
+         residual=_RES),
     Arch("opt", ("opt",), "model.decoder.layers",
          ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "fc1", "fc2"),
          (Smooth("self_attn_layer_norm", _QKV),
           Smooth("final_layer_norm", ("fc1",)),
-          Smooth("fc1", ("fc2",), kind="linear"))),
+          Smooth("fc1", ("fc2",), kind="linear")), rotate=("self_attn.v_proj", "self_attn.out_proj")),
 )
 
 

@@ -32,9 +32,11 @@ from .arch import Arch, Smooth, get_blocks, set_submodule
 from .errors import DGQError, check_finite
 from .formats.act import quantize_per_tensor, quantize_per_token
 from .kvcache import cache_kwarg
+from .quant import rotate as rot
 from .quant import smooth as sm
 from .quant.rtn import rtn_quantize
 from .quant.search import hessian
+from .rotation import head_dim, residual_matrix, rotate_residual_block, rotation_alternative
 
 log = logging.getLogger("dgq")
 
@@ -172,6 +174,16 @@ class LinearStats:
         if self.h_tok is not None:  # approximate: the per-token norms change with the fold too
             self.h_tok = self.h_tok / fd[:, None] / fd[None, :]
         self._h = None
+
+    def rotated(self, q: torch.Tensor) -> LinearStats:
+        """The statistics of this input with every head's channels rotated, ``x → x·Rᵀ`` (``R`` = blockdiag(q)):
+        exact for the samples and both Hessians (a rotation keeps each token's norm); not for the per-channel
+        absmax, which static activation scales would need (``rotate`` refuses ``act="static"``)."""
+        self._check_held()
+        return LinearStats(window_absmax=[], samples=[rot.rotate_columns(s, q) for s in self.samples],
+                           h_sum=None if self.h_sum is None else rot.rotate_gram(self.h_sum, q),
+                           h_tok=None if self.h_tok is None else rot.rotate_gram(self.h_tok, q),
+                           h_count=self.h_count)
 
 
 @contextmanager
@@ -499,47 +511,79 @@ def _install(block: nn.Module, made: dict[str, Made], j: int) -> dict:
     return chosen
 
 
+def _make(method, lin: nn.Module, name: str, group_size: int, st, config) -> Made:
+    layers = make_layers(method, lin, name, group_size, st, config)
+    # expand per call while calibrating: cached expansions of the candidates (1-4 bytes per weight on the CPU)
+    # would outweigh the float block itself; the chosen layers cache again afterwards
+    for layer in layers:
+        layer.cache_weights = False
+    return Made(lin.weight.detach(), lin.weight.device, layers)
+
+
 @torch.no_grad()
 def quantize_block(block: nn.Module, index: int, prefix: str, targets: dict, stats: dict, hidden: torch.Tensor,
                    fp_out: torch.Tensor, kwargs: dict, device, config, method,
-                   premade: dict | None = None, store: ActivationStore | None = None) -> tuple[torch.Tensor, dict]:
+                   premade: dict | None = None, store: ActivationStore | None = None,
+                   rotation: dict | None = None) -> tuple[torch.Tensor, dict]:
     """Steps 3-4 of a block: the method makes each linear's candidates (or takes them from ``premade``, made for
     these very weights and statistics while smoothing); every candidate index is run on the calibration windows
     and the block keeps the one with the lowest mean per-token relative output error. Returns the quantized
-    block's outputs (the next block's inputs) and the log entries."""
+    block's outputs (the next block's inputs) and the log entries.
+
+    ``rotation`` (:func:`rotation_alternative`): with ``config.rotate="measured"`` the rotated value/output
+    projections are made too and every candidate index is also run with them in place; the block keeps the rotation
+    only if its best error is the lower one. With ``"on"`` only the rotated ones are made."""
     made: dict[str, Made] = {}
+    made_rot: dict[str, Made] = {}
     premade = premade or {}
+    rotation = rotation or {}
+    only_rotated = config.rotate == "on"
     for n in stats:
         lin = block.get_submodule(n)
         check_finite(lin.weight.detach(), f"weight of {prefix + n} (after smoothing)")
-        layers = premade.get(n) or make_layers(method, lin, prefix + n, targets[prefix + n].group_size, stats[n],
-                                               config)
-        # expand per call while calibrating: cached expansions of the candidates (1-4 bytes per weight on the CPU)
-        # would outweigh the float block itself; the chosen layers cache again afterwards
-        for layer in layers:
-            layer.cache_weights = False
-        made[n] = Made(lin.weight.detach(), lin.weight.device, layers)
-        if not any(stats[m] is stats[n] for m in stats if m not in made):
+        g = targets[prefix + n].group_size
+        if n in rotation:
+            made_rot[n] = _make(method, rotation[n][0], prefix + n, g, rotation[n][1], config)
+        if not (only_rotated and n in rotation):
+            made[n] = Made(lin.weight.detach(), lin.weight.device, premade[n]) if premade.get(n) else \
+                _make(method, lin, prefix + n, g, stats[n], config)
+            for layer in made[n].candidates:
+                layer.cache_weights = False
+        if not any(stats[m] is stats[n] for m in stats if m not in made and m not in made_rot):
             stats[n].release_hessians()  # no linear left needs them (the error log below uses the samples)
-    n_cand = max(len(m.candidates) for m in made.values())
-    errors, best = [], None
-    for j in range(n_cand):
-        chosen = _install(block, made, j)
-        q_out = run_block(block, hidden, kwargs, device, store=store)
-        if not torch.isfinite(q_out).all():
-            raise DGQError(f"NaN/Inf in the outputs of quantized block {index}")
-        err = token_relative_error(q_out, fp_out)
-        errors.append(round(err, 6))
-        if best is None or err < best[0]:
-            best = (err, j, q_out, chosen)
-    _, j_best, q_out, chosen = best
-    if j_best != n_cand - 1:  # the last candidate run is installed; put the best one back
-        _install(block, made, j_best)
+    for _, st in rotation.values():
+        if not st.released:
+            st.release_hessians()
+    with_rot = {n: made_rot.get(n) or made[n] for n in stats}
+    variants = [made] if not made_rot else ([with_rot] if only_rotated else [made, with_rot])
+    errors: list[list[float]] = []
+    best = None
+    for r, var in enumerate(variants):
+        errors.append([])
+        for j in range(max(len(m.candidates) for m in var.values())):
+            chosen = _install(block, var, j)
+            q_out = run_block(block, hidden, kwargs, device, store=store)
+            if not torch.isfinite(q_out).all():
+                raise DGQError(f"NaN/Inf in the outputs of quantized block {index}")
+            err = token_relative_error(q_out, fp_out)
+            errors[-1].append(round(err, 6))
+            if best is None or err < best[0]:
+                best = (err, r, j, q_out, chosen)
+    _, r_best, j_best, q_out, chosen = best
+    if (r_best, j_best) != (len(variants) - 1, len(errors[-1]) - 1):  # the last one run is installed
+        _install(block, variants[r_best], j_best)
     for layer in chosen.values():
         layer.cache_weights, layer.kernel_cache = True, {}
-    entry: dict = {"linears": {n: relative_errors(m.weight, chosen[n], stats[n].x()[::4]) for n, m in made.items()}}
-    if n_cand > 1:
-        entry["alternatives"] = {"token_rel_error": errors, "chosen": j_best}
+    rotated = bool(made_rot) and (only_rotated or r_best == 1)
+    st_of = {**stats, **{n: st for n, (_, st) in rotation.items()}} if rotated else stats
+    entry: dict = {"linears": {n: relative_errors(variants[r_best][n].weight, chosen[n], st_of[n].x()[::4])
+                               for n in chosen}}
+    if len(errors[r_best]) > 1:
+        entry["alternatives"] = {"token_rel_error": errors[r_best], "chosen": j_best}
+    if made_rot:
+        entry["rotation"] = {"kept": rotated}
+        if len(variants) > 1:
+            entry["rotation"].update(error_off=min(errors[0]), error_on=min(errors[1]))
     entry["block_output_rel_error"] = round(((q_out - fp_out).norm() / fp_out.norm().clamp_min(1e-12)).item(), 5)
     entry["block_token_rel_error"] = round(token_relative_error(q_out, fp_out), 6)
     return q_out, entry
@@ -567,6 +611,12 @@ def calibrate(model: nn.Module, arch: Arch, targets: dict, calib: torch.Tensor, 
     """
     blocks = get_blocks(model, arch)
     device = device if device is not None else next(model.parameters()).device
+    residual_q = None
+    if getattr(config, "rotate_residual", False) and arch.residual is not None:
+        if getattr(model, "dgq_residual_rotation", None) != config.seed:
+            raise DGQError("dgq internal error: rotate_residual needs rotation.rotate_residual_globals(model, ...) "
+                           "before calibrate")
+        residual_q = residual_matrix(model.config, config.seed).to(device)
     t0 = time.perf_counter()
     if blocks_io is not None:
         blocks_io.load(0)
@@ -574,12 +624,16 @@ def calibrate(model: nn.Module, arch: Arch, targets: dict, calib: torch.Tensor, 
                                           store=store)
     tokens_per_window = max(1, config.search_tokens // max(1, hidden.shape[0]))
     log = {"capture_seconds": round(time.perf_counter() - t0, 2), "blocks": []}
+    if residual_q is not None:
+        log["residual_rotation"] = {"size": int(residual_q.shape[0]), "seed": config.seed}
     bar = tqdm(range(len(blocks)), desc="calibrate", disable=not progress)
     for i in bar:
         tb = time.perf_counter()
         if blocks_io is not None and i > 0:
             blocks_io.load(i)
         block = blocks[i]
+        if residual_q is not None:
+            rotate_residual_block(block, arch, residual_q)
         prefix = f"{arch.blocks}.{i}."
         names = [n[len(prefix):] for n in targets if n.startswith(prefix)]
         stats, fp_out = collect_stats(block, names, hidden, kwargs[i], tokens_per_window, config.seed, i, device,
@@ -591,8 +645,11 @@ def calibrate(model: nn.Module, arch: Arch, targets: dict, calib: torch.Tensor, 
             entry.update(smooth_block(block, arch, prefix, targets, stats, config, method, premade))
         h_in = hidden
         if quantize:
+            rotation = (rotation_alternative(block, arch, stats, head_dim(model.config), config.seed)
+                        if config.rotate in ("on", "measured") else None)
             hidden, q_entry = quantize_block(block, i, prefix, targets, stats, hidden, fp_out, kwargs[i], device,
-                                             config, method, premade, store)
+                                             config, method, premade, store, rotation)
+            del rotation
             entry.update(q_entry)
             bar.set_postfix(err=entry["block_output_rel_error"])
         else:

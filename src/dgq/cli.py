@@ -160,6 +160,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="KV cache: none (float, default), int8 (dynamic: per token and KV head), int8-static "
                         "(one scale per layer for K and V, from --calib) or int8-smooth (int8 on keys divided by "
                         "their per-channel absmax from --calib); recorded in the checkpoint")
+    q.add_argument("--rotate", default=None, choices=["off", "on", "measured"],
+                   help="calibrated methods: rotate every attention head's values by a Hadamard matrix folded into "
+                        "v_proj/o_proj (exact) so o_proj's int8 activations lose less: off, on, or measured per "
+                        "block (kept where the block's calibration error falls); default: the method's")
+    q.add_argument("--rotate-residual", action=argparse.BooleanOptionalAction, default=None,
+                   help="calibrated methods: rotate the residual stream by an orthogonal matrix folded into the "
+                        "weights (exact; norms folded, tied embeddings untied) so the int8 inputs of q/k/v and "
+                        "gate/up lose their outlier channels; default: on for dgq-gptq, off for the others")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--force", action="store_true", help="replace --out if it exists")
     _add_calib(q)
@@ -265,7 +273,8 @@ def cmd_quantize(a) -> None:
     cfg = methods.resolve(DGQConfig(method=a.method, group_size=a.group_size, act=a.act, weights_only=a.weights_only,
                                     s_int_rounding=a.s_int_rounding, seed=a.seed, smooth=smooth,
                                     search=not a.no_search, phase2=not a.phase1_only, search_tokens=a.search_tokens,
-                                    w_bits=a.w_bits, alpha=a.alpha, act_order=a.act_order, kv=a.kv))
+                                    w_bits=a.w_bits, alpha=a.alpha, act_order=a.act_order, kv=a.kv,
+                                    rotate=a.rotate, rotate_residual=a.rotate_residual))
     parse_size(a.max_shard_size)
     t0 = time.perf_counter()
     wants_calib = methods.get(cfg.method).needs_calibration(cfg)

@@ -45,6 +45,16 @@ class DGQConfig:
     grid1 / grid2: grid sizes of search phases 1 and 2 (phase 2 spans 1.0 -> 0.2 as in the release); refine: finer
         phase-2 ratios tried on each side of every channel's best (2·refine more candidates), so 16 + 8 ratios cover
         the release's 80-point resolution at a third of the cost.
+    rotate: a per-head orthogonal (Hadamard) rotation of the attention values, folded exactly into v_proj's rows and
+        o_proj's input columns (:mod:`dgq.quant.rotate`) so that o_proj's int8 activations lose less: ``off``,
+        ``on`` (every block) or ``measured`` (per block, kept only where the quantized block's calibration error
+        falls; it costs making v_proj and o_proj twice and one more block pass per candidate); None = the method's
+        default. Needs a calibrated method and dynamic activations.
+    rotate_residual: rotate the residual stream by a fixed orthogonal matrix (hidden × hidden), exact after folding
+        every norm's weight into its readers (:mod:`dgq.quant.rotate`): the int8 inputs of q/k/v and gate/up lose
+        their outlier channels and the 4-bit groups mix all channels. Tied embeddings are untied (lm_head takes the
+        final norm's weight). Families whose norms do not commute with it (Gemma 2/3, OPT) are left unrotated.
+        None = the method's default. Needs a calibrated method.
     kv: the KV cache (:mod:`dgq.kvcache`): ``none`` (float, the default), ``int8`` (dynamic, per token and KV head)
         ``int8-static`` (one scale per layer for K and for V, from calibration; needs ``calib``) or ``int8-smooth``
         (``int8`` on keys divided by their per-channel absmax from calibration; needs ``calib``).
@@ -74,6 +84,8 @@ class DGQConfig:
     token_weighted: bool | None = None
     rtn_grid: bool | None = None
     kv: str = "none"
+    rotate: str | None = None
+    rotate_residual: bool | None = None
 
     def check_fields(self) -> None:
         """Field-level checks that need no method (the method's own come from ``dgq.methods.resolve``)."""
@@ -83,7 +95,7 @@ class DGQConfig:
             raise DGQError(f"unknown format {self.format!r}; choose one of: {', '.join(FORMATS)}")
         if not 0.0 <= self.alpha <= 1.0:
             raise DGQError(f"smoothquant alpha must lie in [0, 1], got {self.alpha}")
-        for knob in ("act_order", "token_weighted", "rtn_grid"):
+        for knob in ("act_order", "token_weighted", "rtn_grid", "rotate_residual"):
             if getattr(self, knob) not in (None, True, False):
                 raise DGQError(f"{knob} must be true, false or unset, got {getattr(self, knob)!r}")
         if not 0.0 < self.damp < 1.0:
@@ -101,6 +113,10 @@ class DGQConfig:
             raise DGQError(f"group size must be a positive integer or -1 (per-channel), got {self.group_size!r}")
         if isinstance(self.ignore, str) or not all(isinstance(n, str) for n in self.ignore):
             raise DGQError(f"ignore must be a sequence of full module names, got {self.ignore!r}")
+        if self.rotate not in (None, "off", "on", "measured"):
+            raise DGQError(f"rotate must be off, on or measured, got {self.rotate!r}")
+        if self.rotate in ("on", "measured") and self.act == "static":
+            raise DGQError("rotate needs dynamic activations: static scales would need the rotated inputs' absmax")
         if self.kv not in KV_MODES:
             raise DGQError(f"unknown KV cache mode {self.kv!r}; choose one of: {', '.join(KV_MODES)}")
         if self.search_tokens < 1 or self.grid1 < 1 or self.grid2 < 1 or self.refine < 0:

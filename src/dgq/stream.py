@@ -46,6 +46,7 @@ from .errors import check_finite
 from .formats import QuantLinear
 from .fsutil import check_disk
 from .models import check_model_folder, load_tokenizer, model_folder, resolve_device, resolve_dtype
+from .rotation import rotate_residual_globals
 
 log = logging.getLogger("dgq")
 
@@ -216,11 +217,13 @@ def quantize_to(model_ref: str, out, config: DGQConfig | None = None, calib: tor
     check_calibration(method, config, calib)
     observer = kv_check(model.config, config)
     arch = arch_for_config(model.config)
+    if method.calibrated and config.rotate_residual:  # blocks are rotated at their turn (calibrate)
+        rotate_residual_globals(model, arch, config.seed)
     check_disk(out, estimate_bytes(model, targets, config, dt))
     t0 = time.perf_counter()
     with torch.no_grad(), writing(out, overwrite, max_shard_size) as writer:
         io = BlockIO(model, source, writer, dev, dt, targets)
-        writer.add(state_of(model, exclude=arch.blocks + "."))  # embeddings, final norm, lm_head: unchanged
+        writer.add(state_of(model, exclude=arch.blocks + "."))  # embeddings, final norm, lm_head
         writer.flush()  # a shard of their own: the writer lets go of them
         io.release_rest(keep_embeddings=True)
         release_free_memory()

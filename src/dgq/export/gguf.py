@@ -61,6 +61,7 @@ from ..fsutil import (
     is_dgq_gguf,
 )
 from ..models import ALIASES, alias_gguf, cache_dir, check_gguf_header
+from ..quant import rotate as rot
 from . import ct
 
 log = logging.getLogger("dgq")
@@ -220,7 +221,9 @@ def plan(src: ct.Source, to: str, reader: gguf.GGUFReader, gpath: Path) -> dict:
         return g
 
     mods, kinds = src.q["modules"], p["kinds"]
-    todo = {}
+    todo, new = {}, {}
+    rotation = (src.q.get("calibration") or {}).get("residual_rotation")
+    untied = not src.cfg.get("tie_word_embeddings", False)
     for mod in sorted(mods):
         spec, kind = mods[mod], kinds[mod]
         n, k, g = spec["out_features"], spec["in_features"], spec.get("group_size")
@@ -241,6 +244,10 @@ def plan(src: ct.Source, to: str, reader: gguf.GGUFReader, gpath: Path) -> dict:
     for hf in sorted(src.names):
         if hf in p["owned"] or hf not in p["persistent"]:
             continue
+        out_name = tmap.get_name(hf, try_suffixes=(".weight", ".bias"))
+        if hf == "lm_head.weight" and untied and out_name not in tensors:  # untied by rotate_residual
+            new[out_name] = ("new", hf)
+            continue
         name = gguf_name(hf)
         value, t = src.get(hf), tensors[name]
         if tuple(value.shape) != _shape(t):
@@ -250,11 +257,18 @@ def plan(src: ct.Source, to: str, reader: gguf.GGUFReader, gpath: Path) -> dict:
         if part in heads:
             value = permute_rows(value, heads[part])
         same = value.is_floating_point() and torch.equal(_dequantized(t).to(value.dtype), value)
-        if not same and name == "token_embd.weight":
+        if not same and name == "token_embd.weight" and not (rotation and _rotated_from(t, value, rotation)):
             raise DGQError(f"source GGUF {gpath}: its token embeddings differ from the checkpoint's; not the model it "
                            f"was quantized from")
         todo[name] = ("raw", None) if same else ("f32", hf)
-    return {"todo": {t: todo.get(t, ("raw", None)) for t in tensors}, "heads": heads, "arch": arch, **p}
+    return {"todo": {**{t: todo.get(t, ("raw", None)) for t in tensors}, **new}, "heads": heads, "arch": arch, **p}
+
+
+def _rotated_from(t, value: torch.Tensor, rotation: dict) -> bool:
+    """Whether ``value`` is the source tensor ``t`` times the residual rotation (``rotate_residual``) the checkpoint
+    records, to float32 rounding."""
+    want = rot.rotate_in(_dequantized(t).double(), rot.orthogonal_matrix(value.shape[1], rotation["seed"]))
+    return torch.allclose(value.double(), want, rtol=1e-4, atol=1e-5 * want.abs().max().item())
 
 
 def _check_scales(src: ct.Source, mod: str, kind: str, spec: dict, to: str) -> None:
@@ -344,15 +358,18 @@ def write_gguf(path: Path, src: ct.Source, reader: gguf.GGUFReader, gpath: Path,
         h = heads_of(name)
         if how == "raw":
             return tensors[name].data, tensors[name].tensor_type
-        if how == "f32":
+        if how in ("f32", "new"):
             v = src.get(ref).float()
             return (permute_rows(v, h) if h else v).contiguous().numpy(), Q.F32
         b = module_blocks(src, ref, p["kinds"][ref], mods[ref], to)
         return (permute_rows(b, h) if h else b).contiguous().numpy(), QTYPE[to]
 
-    for name, (how, _) in p["todo"].items():  # sizes first: the header precedes the data
-        t = tensors[name]
-        if how == "raw":
+    for name, (how, ref) in p["todo"].items():  # sizes first: the header precedes the data
+        t = tensors.get(name)
+        if how == "new":  # a tensor the source has not (an untied lm_head), from the checkpoint
+            shape = tuple(src.get(ref).shape)
+            writer.add_tensor_info(name, shape, np.dtype(np.float32), 4 * int(np.prod(shape)), raw_dtype=Q.F32)
+        elif how == "raw":
             writer.add_tensor_info(name, t.data.shape, t.data.dtype, t.data.nbytes, raw_dtype=t.tensor_type)
         elif how == "f32":
             shape = _shape(t)

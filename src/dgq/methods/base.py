@@ -35,7 +35,8 @@ class Method:
 
     def defaults(self, config: DGQConfig) -> dict:
         """Values for the knobs left unset (None) in ``config``."""
-        return {"act_order": False, "token_weighted": False, "rtn_grid": False}
+        return {"act_order": False, "token_weighted": False, "rtn_grid": False, "rotate": "off",
+                "rotate_residual": False}
 
     def check(self, config: DGQConfig) -> None:
         """Method-specific checks of a resolved config (raise DGQError)."""
@@ -108,5 +109,7 @@ def resolve(config: DGQConfig) -> DGQConfig:
     if r.smooth is None:
         r = replace(r, smooth=m.smooth_by_act[r.act_mode])
     r = replace(r, **{k: v for k, v in m.defaults(r).items() if getattr(r, k) is None})
+    if (r.rotate != "off" or r.rotate_residual) and not m.calibrated:
+        raise DGQError(f"rotate and rotate_residual need a calibrated method; {m.name} is data-free")
     m.check(r)
     return r
