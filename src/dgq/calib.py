@@ -511,8 +511,9 @@ def _install(block: nn.Module, made: dict[str, Made], j: int) -> dict:
     return chosen
 
 
-def _make(method, lin: nn.Module, name: str, group_size: int, st, config) -> Made:
-    layers = make_layers(method, lin, name, group_size, st, config)
+def _make(method, lin: nn.Module, name: str, group_size: int, st, config, layers: list | None = None) -> Made:
+    """``lin``'s candidates (``layers`` when already made, e.g. by measured smoothing), set to expand per call."""
+    layers = layers or make_layers(method, lin, name, group_size, st, config)
     # expand per call while calibrating: cached expansions of the candidates (1-4 bytes per weight on the CPU)
     # would outweigh the float block itself; the chosen layers cache again afterwards
     for layer in layers:
@@ -545,10 +546,7 @@ def quantize_block(block: nn.Module, index: int, prefix: str, targets: dict, sta
         if n in rotation:
             made_rot[n] = _make(method, rotation[n][0], prefix + n, g, rotation[n][1], config)
         if not (only_rotated and n in rotation):
-            made[n] = Made(lin.weight.detach(), lin.weight.device, premade[n]) if premade.get(n) else \
-                _make(method, lin, prefix + n, g, stats[n], config)
-            for layer in made[n].candidates:
-                layer.cache_weights = False
+            made[n] = _make(method, lin, prefix + n, g, stats[n], config, premade.get(n))
         if not any(stats[m] is stats[n] for m in stats if m not in made and m not in made_rot):
             stats[n].release_hessians()  # no linear left needs them (the error log below uses the samples)
     for _, st in rotation.values():
@@ -612,7 +610,7 @@ def calibrate(model: nn.Module, arch: Arch, targets: dict, calib: torch.Tensor, 
     blocks = get_blocks(model, arch)
     device = device if device is not None else next(model.parameters()).device
     residual_q = None
-    if getattr(config, "rotate_residual", False) and arch.residual is not None:
+    if config.rotate_residual and arch.residual is not None:
         if getattr(model, "dgq_residual_rotation", None) != config.seed:
             raise DGQError("dgq internal error: rotate_residual needs rotation.rotate_residual_globals(model, ...) "
                            "before calibrate")
