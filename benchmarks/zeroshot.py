@@ -43,10 +43,22 @@ def main():
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     ap.add_argument("--out", default="benchmarks/results/zeroshot.json")
+    ap.add_argument("--append", action="store_true",
+                    help="keep the rows already in --out (same tasks, limit and batch size) and add these after them")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     tasks = check_tasks(a.tasks)
-    rows = []
+    rows, earlier = [], None
+    if a.append and Path(a.out).is_file():
+        earlier = json.loads(Path(a.out).read_text())
+        e = earlier["eval"]
+        if (e["tasks"], e["limit"], e["batch_size"]) != (tasks, a.limit, a.batch_size):
+            sys.exit(f"{a.out} holds tasks {e['tasks']}, limit {e['limit']}, batch size {e['batch_size']}: "
+                     f"not comparable with these rows")
+        rows = earlier["rows"]
+        clash = {label for label, _ in parse_models(a.models)} & {r["label"] for r in rows}
+        if clash:
+            sys.exit(f"{a.out} already has rows {sorted(clash)}")
     t_all = time.perf_counter()
     for label, spec in parse_models(a.models):
         t0 = time.perf_counter()
@@ -79,6 +91,11 @@ def main():
         "wall_s": round(time.perf_counter() - t_all, 1),
         "machine": machine_info(),
     }
+    if earlier is not None:  # the earlier runs' machine records and wall times, oldest first
+        out["earlier_runs"] = earlier.get("earlier_runs", []) + [
+            {"labels": earlier.get("labels", [r["label"] for r in earlier["rows"]]), "wall_s": earlier["wall_s"],
+             "machine": earlier["machine"]}]
+        out["labels"] = [label for label, _ in parse_models(a.models)]  # the rows this run added
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(out, indent=2) + "\n")
     print(f"wrote {a.out} ({out['wall_s']} s)")

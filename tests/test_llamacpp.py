@@ -53,3 +53,20 @@ def test_tokenizer_matches(measured, report):
     report(f"{len(t['dgq'])} tokens, equal {t['equal']}")
     assert t["llama_cpp"] == t["dgq"]
     assert t["detokenized_equal"]
+
+
+@pytest.fixture(scope="module")
+def rotated(tmp_path_factory):
+    """The same on a rotated checkpoint (GPTQ W4A16 g64, residual stream rotated, norms folded, head untied)."""
+    return lc.run(tmp_path_factory.mktemp("llamacpp_rot"), n_windows=4, seqlen=512, n_gen=16, source=False,
+                  rotated=True)
+
+
+@pytest.mark.parametrize("to", lc.TARGETS)
+def test_rotated_checkpoint(rotated, to, report):
+    r = rotated["exports"][to]
+    g = r["greedy"]
+    report(f"rotated {to}: ppl llama.cpp {r['ppl_llama_cpp']:.4f} vs dgq {r['ppl_dgq']:.4f} "
+           f"({100 * r['rel_diff']:+.3f}%); llama.cpp {g['llama_cpp']!r} | dgq {g['dgq']!r}")
+    assert abs(r["rel_diff"]) <= lc.PPL_TOL, r
+    assert g["llama_cpp"].startswith(" Paris") and g["distinct_tokens_llama_cpp"] >= 6

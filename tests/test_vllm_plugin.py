@@ -120,3 +120,15 @@ def test_peer_formats(formats, fmt, report):
     # uint8 bytes: W4A16's packed codes (0.5) and its zero points (1/64); W8A8 holds int8 weights, no uint8
     assert m["codes_bytes_per_weight"] == (0.5 + 1 / 64 if fmt == "w4a16" else 0)
     assert m["bytes_per_weight"] < (0.6 if fmt == "w4a16" else 1.05)
+
+
+def test_rotated_default_recipe(formats, report):
+    """The default recipe's checkpoint (dgq-gptq: residual stream rotated, norms folded, untied head) serves as is."""
+    r = formats["rotated"]
+    report(f"rotated dgq-gptq: NLL dgq {r['nll_dgq']:.6f}, vLLM TP1 {r['tp1'].get('nll')}, TP2 {r['tp2'].get('nll')}, "
+           f"layers {r['tp1'].get('layers')}")
+    assert r["rotate_residual"] is True and r["norms_folded"], r
+    (layers,) = r["tp1"]["layers"]
+    assert sum(layers.values()) == 8 and all(k.startswith("dgq g=64") and k.endswith("act=dynamic") for k in layers)
+    assert abs(r["tp1"]["rel_diff_nll_vs_dgq"]) < 1e-3
+    assert abs(r["tp2"]["rel_diff_nll_vs_dgq"]) < 2e-3
