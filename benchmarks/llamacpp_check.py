@@ -10,6 +10,10 @@ llama.cpp quantizes activations to 8-bit blocks of 32 for Q4_1/Q8_0 matmuls (and
 perplexities are close, not equal.
 
     python benchmarks/llamacpp_check.py [--windows 4] [--seqlen 512] [--json benchmarks/results/llamacpp_smollm2.json]
+    python benchmarks/llamacpp_check.py --rotated --json benchmarks/results/llamacpp_smollm2_rotated.json
+
+``--rotated``: the same for a rotated checkpoint (GPTQ W4A16 g64 with the residual-stream rotation, briefly
+calibrated: norms folded, the tied head untied, so the exports carry ``output.weight``).
 
 The test ``tests/test_llamacpp.py`` runs the same functions.
 """

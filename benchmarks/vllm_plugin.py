@@ -8,13 +8,15 @@ loaded checkpoint), in float32 and bfloat16; greedy generation against dgq's; th
 batch-1 decoding speed with the expanded-weight cache off (the default: 4-bit memory) and on. Tensor parallelism 2
 runs on a tiny random Llama (SmolLM2's 9 attention heads do not split in 2): its NLL against tensor parallelism 1
 and dgq's, and a group size a row-parallel split cannot honour, refused; the tiny model's W8A8 and W4A16
-checkpoints (the peer formats a dgq checkpoint may hold) at tensor parallelism 1 and 2.
+checkpoints (the peer formats a dgq checkpoint may hold) and the default recipe's rotated A8W4 checkpoint (norms
+folded, residual stream rotated) at tensor parallelism 1 and 2.
 
 vLLM runs in its own environment: ``DGQ_VLLM_PYTHON`` (default ``.venv-vllm/bin/python`` at the repository root),
 with this checkout installed there (``pip install -e . --no-deps``: the plugin's entry point). Each engine is a
 subprocess running ``benchmarks/vllm_plugin_worker.py``.
 
     python benchmarks/vllm_plugin.py [--windows 8] [--seqlen 512] [--json benchmarks/results/vllm_plugin_smollm2.json]
+    python benchmarks/vllm_plugin.py --formats-only --json benchmarks/results/vllm_plugin_formats.json
 
 The test ``tests/test_vllm_plugin.py`` runs the same functions on fewer windows.
 """
@@ -322,11 +324,20 @@ def main() -> None:
     p.add_argument("--gen", type=int, default=16)
     p.add_argument("--no-tp", action="store_true", help="skip the tensor-parallel runs")
     p.add_argument("--json", default="benchmarks/results/vllm_plugin_smollm2.json")
+    p.add_argument("--formats-only", action="store_true",
+                   help="only the tiny Llama's checkpoint formats (W8A8, W4A16, rotated A8W4) at TP 1 and 2")
     a = p.parse_args()
     why = plugin_status()
     if why:
         sys.exit(why)
     with tempfile.TemporaryDirectory() as d:
+        if a.formats_only:
+            res = {"formats": run_formats(Path(d)), "machine": machine_info()}
+            for k, r in res["formats"].items():
+                print(f"tiny {k}: {r}")
+            Path(a.json).write_text(json.dumps(res, indent=1) + "\n")
+            print(f"wrote {a.json}")
+            return
         res = run_smollm2(Path(d), a.windows, a.seqlen, a.gen, dtypes=("float32", "bfloat16"), speed=True)
         if not a.no_tp:
             res["tensor_parallel"] = run_tp(Path(d))
