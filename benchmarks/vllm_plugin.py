@@ -114,13 +114,13 @@ def build_tiny(workdir: Path, group_size: int, method: str = "rtn", **recipe) ->
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(LlamaConfig(**TINY, tie_word_embeddings=False)).eval()
+    calib = None
     if method != "rtn":  # norm weights other than 1, so that a folded (rotated) checkpoint shows it: unit norms
         with torch.no_grad():
             for name, m in model.named_modules():
                 if name.endswith("norm"):
                     m.weight.uniform_(0.5, 1.5)
-    calib = None if method == "rtn" else torch.randint(
-        3, TINY["vocab_size"], (4, 64), generator=torch.Generator().manual_seed(2))
+        calib = torch.randint(3, TINY["vocab_size"], (4, 64), generator=torch.Generator().manual_seed(2))
     dgq.quantize(model, dgq.DGQConfig(method=method, group_size=group_size, **recipe), calib=calib, progress=False)
     name = "tiny-llama-" + method + "-g" + str(group_size) + "".join(f"-{k}{v}" for k, v in recipe.items())
     ckpt = workdir / name
@@ -332,18 +332,14 @@ def main() -> None:
         sys.exit(why)
     with tempfile.TemporaryDirectory() as d:
         if a.formats_only:
-            res = {"formats": run_formats(Path(d)), "machine": machine_info()}
-            for k, r in res["formats"].items():
-                print(f"tiny {k}: {r}")
-            Path(a.json).write_text(json.dumps(res, indent=1) + "\n")
-            print(f"wrote {a.json}")
-            return
-        res = run_smollm2(Path(d), a.windows, a.seqlen, a.gen, dtypes=("float32", "bfloat16"), speed=True)
-        if not a.no_tp:
-            res["tensor_parallel"] = run_tp(Path(d))
-            res["formats"] = run_formats(Path(d))
+            res = {"formats": run_formats(Path(d))}
+        else:
+            res = run_smollm2(Path(d), a.windows, a.seqlen, a.gen, dtypes=("float32", "bfloat16"), speed=True)
+            if not a.no_tp:
+                res["tensor_parallel"] = run_tp(Path(d))
+                res["formats"] = run_formats(Path(d))
     res["machine"] = machine_info()
-    for dtype, r in res["engines"].items():
+    for dtype, r in res.get("engines", {}).items():
         print(f"{dtype:9s} ppl vLLM {r['ppl_vllm']:.4f} dgq {r['ppl_dgq']:.4f} ({100 * r['rel_diff']:+.3f}%)  "
               f"greedy same {r['greedy_same_prefix_tokens']}/{r['greedy_tokens']}  "
               f"{r['memory']['bytes_per_weight']:.3f} bytes/weight")
