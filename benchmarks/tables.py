@@ -67,8 +67,15 @@ def cpu():
 
 
 def zeroshot():
-    d = json.loads((R / "zeroshot.json").read_text())
+    for name in ("zeroshot.json", "zeroshot_qwen.json"):
+        f = R / name
+        if f.exists():
+            zeroshot_table(json.loads(f.read_text()), name)
+
+
+def zeroshot_table(d, name):
     tasks = d["eval"]["tasks"]
+    print(f"\n`results/{name}`: first {d['eval']['limit']} documents per task, batch size {d['eval']['batch_size']}\n")
     print("| model | " + " | ".join(tasks) + " | mean acc | wall s |\n|---|" + "---|" * (len(tasks) + 2))
     for r in d["rows"]:
         cells = []

@@ -56,7 +56,7 @@ def main():
         if (e["tasks"], e["limit"], e["batch_size"]) != (tasks, a.limit, a.batch_size):
             sys.exit(f"{a.out} holds tasks {e['tasks']}, limit {e['limit']}, batch size {e['batch_size']}: "
                      f"not comparable with these rows")
-        rows = earlier["rows"]
+        rows = list(earlier["rows"])  # a copy: earlier["rows"] still names the earlier run's rows below
         clash = {label for label, _ in models} & {r["label"] for r in rows}
         if clash:
             sys.exit(f"{a.out} already has rows {sorted(clash)}")

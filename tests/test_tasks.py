@@ -3,6 +3,8 @@
 import importlib.util
 import json
 import math
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -220,3 +222,31 @@ def test_cli_unknown_task(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("dgq: error: unknown task 'nope'") and "hellaswag" in err
     assert err.count("\n") == 1
+
+
+def test_zeroshot_benchmark_append(tiny_hf_dir, tmp_path, monkeypatch, capsys):
+    """benchmarks/zeroshot.py --append keeps the earlier rows, records which run added which rows, and refuses a
+    duplicate label or a different document limit."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import zeroshot
+
+    out = tmp_path / "zs.json"
+    base = ["zeroshot.py", "--tasks", "arc_easy", "--limit", "2", "--out", str(out)]
+
+    def run(*extra):
+        monkeypatch.setattr(sys, "argv", base + list(extra))
+        zeroshot.main()
+
+    run("--models", f"a={tiny_hf_dir}")
+    run("--append", "--models", f"b={tiny_hf_dir}")
+    r = json.loads(out.read_text())
+    assert [row["label"] for row in r["rows"]] == ["a", "b"]
+    assert r["labels"] == ["b"] and [e["labels"] for e in r["earlier_runs"]] == [["a"]]
+    assert r["rows"][1]["tasks"]["arc_easy"]["acc"] == r["rows"][0]["tasks"]["arc_easy"]["acc"]  # same model
+    with pytest.raises(SystemExit, match="already has rows"):
+        run("--append", "--models", f"a={tiny_hf_dir}")
+    monkeypatch.setattr(sys, "argv", ["zeroshot.py", "--tasks", "arc_easy", "--limit", "1", "--out", str(out),
+                                      "--append", "--models", f"c={tiny_hf_dir}"])
+    with pytest.raises(SystemExit, match="not comparable"):
+        zeroshot.main()
+    assert [row["label"] for row in json.loads(out.read_text())["rows"]] == ["a", "b"]  # nothing lost
