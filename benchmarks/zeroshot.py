@@ -49,6 +49,7 @@ def main():
     torch.set_num_threads(a.threads)
     tasks = check_tasks(a.tasks)
     models = parse_models(a.models)
+    labels = [label for label, _ in models]
     rows, earlier = [], None
     if a.append and Path(a.out).is_file():
         earlier = json.loads(Path(a.out).read_text())
@@ -57,7 +58,7 @@ def main():
             sys.exit(f"{a.out} holds tasks {e['tasks']}, limit {e['limit']}, batch size {e['batch_size']}: "
                      f"not comparable with these rows")
         rows = list(earlier["rows"])  # a copy: earlier["rows"] still names the earlier run's rows below
-        clash = {label for label, _ in models} & {r["label"] for r in rows}
+        clash = set(labels) & {r["label"] for r in rows}
         if clash:
             sys.exit(f"{a.out} already has rows {sorted(clash)}")
     t_all = time.perf_counter()
@@ -96,7 +97,7 @@ def main():
         out["earlier_runs"] = earlier.get("earlier_runs", []) + [
             {"labels": earlier.get("labels", [r["label"] for r in earlier["rows"]]), "wall_s": earlier["wall_s"],
              "machine": earlier["machine"]}]
-        out["labels"] = [label for label, _ in models]  # the rows this run added
+        out["labels"] = labels  # the rows this run added
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(out, indent=2) + "\n")
     print(f"wrote {a.out} ({out['wall_s']} s)")

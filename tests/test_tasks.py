@@ -224,17 +224,17 @@ def test_cli_unknown_task(tmp_path, capsys):
     assert err.count("\n") == 1
 
 
-def test_zeroshot_benchmark_append(tiny_hf_dir, tmp_path, monkeypatch, capsys):
+def test_zeroshot_benchmark_append(tiny_hf_dir, tmp_path, monkeypatch):
     """benchmarks/zeroshot.py --append keeps the earlier rows, records which run added which rows, and refuses a
     duplicate label or a different document limit."""
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
     import zeroshot
 
     out = tmp_path / "zs.json"
-    base = ["zeroshot.py", "--tasks", "arc_easy", "--limit", "2", "--out", str(out)]
 
-    def run(*extra):
-        monkeypatch.setattr(sys, "argv", base + list(extra))
+    def run(*extra, limit="2"):
+        monkeypatch.setattr(sys, "argv", ["zeroshot.py", "--tasks", "arc_easy", "--limit", limit, "--out", str(out),
+                                          *extra])
         zeroshot.main()
 
     run("--models", f"a={tiny_hf_dir}")
@@ -245,8 +245,6 @@ def test_zeroshot_benchmark_append(tiny_hf_dir, tmp_path, monkeypatch, capsys):
     assert r["rows"][1]["tasks"]["arc_easy"]["acc"] == r["rows"][0]["tasks"]["arc_easy"]["acc"]  # same model
     with pytest.raises(SystemExit, match="already has rows"):
         run("--append", "--models", f"a={tiny_hf_dir}")
-    monkeypatch.setattr(sys, "argv", ["zeroshot.py", "--tasks", "arc_easy", "--limit", "1", "--out", str(out),
-                                      "--append", "--models", f"c={tiny_hf_dir}"])
     with pytest.raises(SystemExit, match="not comparable"):
-        zeroshot.main()
+        run("--append", "--models", f"c={tiny_hf_dir}", limit="1")
     assert [row["label"] for row in json.loads(out.read_text())["rows"]] == ["a", "b"]  # nothing lost
